@@ -1,0 +1,59 @@
+# ternrec — every target installs what it needs on a fresh machine (see README).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test stack bench lint install system-deps kafka-jars browser-deps clean
+
+demo: install
+	$(BIN)/python -m recommender.demo
+
+test: install system-deps kafka-jars browser-deps
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -rs
+
+stack: install system-deps kafka-jars
+	$(BIN)/python -m recommender.stack
+
+bench: install system-deps kafka-jars
+	$(BIN)/python -m bench.run
+
+lint: install
+	$(BIN)/ruff check .
+
+install: $(STAMP)
+
+# Re-installs when the package definition or the native kernel sources change.
+$(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard encoder/kernel/*.c encoder/kernel/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# redis-server and a Java 17 runtime from Debian, only when missing.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null || missing="$$missing maven"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# Apache Kafka broker jars from Maven Central into ~/.cache/ternrec (reused when present).
+kafka-jars: install system-deps
+	$(BIN)/python -m ingest.services fetch-kafka
+
+# Debian's Chromium and its driver for the browser test, only when missing.
+browser-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

