@@ -1,0 +1,154 @@
+"""The event-log interface, and the event-level producer/consumer built on it.
+
+Two implementations share one interface: `KafkaLog` (ingest/kafka_log.py, a real broker) and
+`InProcessLog` (ingest/memory_log.py, embedded mode). Both have topics with partitions, offsets
+and consumer groups; a consumer commits offsets only when the caller says its work is durable.
+
+`EventConsumer` adds the event semantics every consumer needs: it parses each record with the
+one schema, sends a malformed one to the dead-letter topic with the reason (and counts it), and
+hands the valid events to the caller, so one bad message never stops a consumer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from ingest.schema import Event, InvalidEvent, Limits, parse_event, topic_for
+from ingest.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes
+    timestamp_ms: int
+
+
+class Producer(Protocol):
+    def send(self, topic: str, value: bytes, key: str | None = None) -> None: ...
+    def flush(self, timeout: float | None = None) -> None: ...
+    def close(self) -> None: ...
+
+
+class Consumer(Protocol):
+    def poll(self, max_records: int = 500, timeout_ms: int = 100) -> list[Record]: ...
+    def commit(self, records: list[Record] | None = None) -> None: ...
+    def close(self) -> None: ...
+
+
+class EventLog(Protocol):
+    def ensure_topics(self, names_partitions: dict[str, int], compacted: set[str]) -> None: ...
+    def producer(self) -> Producer: ...
+    def consumer(self, topics: list[str], group: str, from_beginning: bool = True) -> Consumer: ...
+    def close(self) -> None: ...
+
+
+def open_event_log(settings: Settings) -> EventLog:
+    """A real Kafka log when a bootstrap is configured, else the in-process log."""
+    if settings.embedded_log:
+        from ingest.memory_log import InProcessLog
+
+        return InProcessLog()
+    from ingest.kafka_log import KafkaLog
+
+    return KafkaLog(settings.kafka_bootstrap)
+
+
+def ensure_topics(event_log: EventLog, settings: Settings) -> None:
+    """Creates the product's topics when missing; item-embeddings is log-compacted."""
+    names = [settings.topic_item_events, settings.topic_user_events,
+             settings.topic_item_embeddings, settings.topic_dead_letter]
+    event_log.ensure_topics({name: settings.partitions for name in names},
+                            compacted={settings.topic_item_embeddings})
+
+
+class EventProducer:
+    """Sends validated events to their topic, keyed for partitioning."""
+
+    def __init__(self, event_log: EventLog, settings: Settings):
+        self.settings = settings
+        self.producer = event_log.producer()
+
+    def send(self, event: Event) -> None:
+        self.producer.send(topic_for(event, self.settings), event.to_json(), key=event.key)
+
+    def send_raw(self, topic: str, value: bytes, key: str | None = None) -> None:
+        """Sends bytes as they are (replay of malformed input, tests of the dead-letter path)."""
+        self.producer.send(topic, value, key=key)
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.producer.flush(timeout)
+
+    def close(self) -> None:
+        self.producer.close()
+
+
+def dead_letter_payload(record: Record, reason: str) -> bytes:
+    """The dead-letter message: the reason plus the original record, bytes kept losslessly."""
+    payload = {"reason": reason, "topic": record.topic, "partition": record.partition,
+               "offset": record.offset, "key": record.key, "failed_at": time.time()}
+    try:
+        payload["value"] = record.value.decode()
+    except UnicodeDecodeError:
+        payload["value_b64"] = base64.b64encode(record.value).decode()
+    return json.dumps(payload).encode()
+
+
+class EventConsumer:
+    """Consumer-group reader of events; malformed records go to the dead-letter topic.
+
+    `poll()` returns (record, event) pairs of valid events; `commit()` commits everything polled
+    so far, dead-lettered records included, after flushing the dead-letter producer so a bad
+    record is never lost between the two.
+    """
+
+    def __init__(self, event_log: EventLog, settings: Settings, topics: list[str], group: str,
+                 from_beginning: bool = True):
+        self.settings = settings
+        self.limits = Limits.from_settings(settings)
+        self.consumer = event_log.consumer(topics, group, from_beginning=from_beginning)
+        self.dead_letters = event_log.producer()
+        self.dead_lettered = 0
+        self.consumed = 0
+        self._pending: list[Record] = []
+
+    def poll(self, max_records: int = 500, timeout_ms: int = 100) -> list[tuple[Record, Event]]:
+        records = self.consumer.poll(max_records=max_records, timeout_ms=timeout_ms)
+        self._pending.extend(records)
+        events = []
+        for record in records:
+            try:
+                events.append((record, parse_event(record.value, self.limits)))
+            except InvalidEvent as exc:
+                self.dead_letter(record, str(exc))
+        self.consumed += len(records)
+        return events
+
+    def dead_letter(self, record: Record, reason: str) -> None:
+        """Sends a record the caller cannot process to the dead-letter topic, with the reason."""
+        log.warning("dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        self.dead_letters.send(self.settings.topic_dead_letter, dead_letter_payload(record, reason),
+                               key=record.key)
+        self.dead_lettered += 1
+
+    def commit(self) -> None:
+        if not self._pending:
+            return
+        self.dead_letters.flush()
+        self.consumer.commit(self._pending)
+        self._pending = []
+
+    def close(self) -> None:
+        self.dead_letters.flush()
+        self.dead_letters.close()
+        self.consumer.close()

@@ -1,0 +1,153 @@
+"""The one event schema: item upserts, item deletes and user interactions.
+
+Events are JSON objects with a `type` discriminator (DESIGN.md seams). Every event carries an
+`event_id`, a timestamp `ts` (Unix seconds, float) and `schema_version`; the parser fills in the
+first two when they are missing. Extra fields are kept. Oversized input is rejected with a reason,
+never truncated. Item events are keyed by `item_id`, interactions by `user_id`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+SCHEMA_VERSION = 1
+MAX_ID_CHARS = 256
+
+
+class InvalidEvent(ValueError):
+    """Raised with a one-line human-readable reason for any event that cannot be accepted."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_event_bytes: int = 64 * 1024
+    max_title_chars: int = 1000
+    max_text_chars: int = 8000
+
+    @classmethod
+    def from_settings(cls, settings) -> Limits:
+        return cls(settings.max_event_bytes, settings.max_title_chars, settings.max_text_chars)
+
+
+DEFAULT_LIMITS = Limits()
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^\S(.*\S)?$")]
+
+
+class _EventBase(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=MAX_ID_CHARS)
+    ts: float = Field(default_factory=time.time, ge=0)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ItemUpsert(_EventBase):
+    type: Literal["item_upsert"]
+    item_id: Id
+    title: str = Field(min_length=1)
+    text: str | None = None
+    authors: str | None = None
+    year: int | None = None
+    tags: list[str] | None = None
+    image_url: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.item_id
+
+    @property
+    def encoder_text(self) -> str:
+        """What the encoder embeds: the full text when given, else the title."""
+        return self.text or self.title
+
+
+class ItemDelete(_EventBase):
+    type: Literal["item_delete"]
+    item_id: Id
+
+    @property
+    def key(self) -> str:
+        return self.item_id
+
+
+class Interaction(_EventBase):
+    type: Literal["interaction"]
+    user_id: Id
+    item_id: Id
+    kind: str = Field(min_length=1, max_length=64)
+
+    @property
+    def key(self) -> str:
+        return self.user_id
+
+
+Event = Annotated[ItemUpsert | ItemDelete | Interaction, Field(discriminator="type")]
+ItemEvent = ItemUpsert | ItemDelete
+EVENT_TYPES = ("item_upsert", "item_delete", "interaction")
+_event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for err in error.errors():
+        # The discriminated union puts the event type first in the location; drop it.
+        loc = [str(p) for p in err["loc"]]
+        if loc and loc[0] in EVENT_TYPES:
+            loc = loc[1:]
+        where = ".".join(loc) or "event"
+        if err["type"] == "missing":
+            parts.append(f"missing field '{where}'")
+        else:
+            parts.append(f"field '{where}': {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_event(raw: bytes | str | dict, limits: Limits = DEFAULT_LIMITS) -> Event:
+    """Parses and validates one event; raises InvalidEvent with the reason."""
+    if isinstance(raw, (bytes, bytearray, str)):
+        size = len(raw.encode() if isinstance(raw, str) else raw)
+        if size > limits.max_event_bytes:
+            raise InvalidEvent(f"event is {size} bytes, over the limit of {limits.max_event_bytes}")
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidEvent(f"invalid JSON: {exc}") from None
+    else:
+        data = raw
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"an event must be a JSON object, got {type(data).__name__}")
+    kind = data.get("type")
+    if kind is None:
+        raise InvalidEvent("missing field 'type'")
+    if kind not in EVENT_TYPES:
+        raise InvalidEvent(f"unknown event type {kind!r}; expected one of {', '.join(EVENT_TYPES)}")
+    try:
+        event = _event_adapter.validate_python(data)
+    except ValidationError as exc:
+        raise InvalidEvent(_describe(exc)) from None
+    if isinstance(event, ItemUpsert):
+        if len(event.title) > limits.max_title_chars:
+            raise InvalidEvent(f"title is {len(event.title)} characters, over the limit of "
+                               f"{limits.max_title_chars}")
+        if event.text is not None and len(event.text) > limits.max_text_chars:
+            raise InvalidEvent(f"text is {len(event.text)} characters, over the limit of "
+                               f"{limits.max_text_chars}")
+    return event
+
+
+def topic_for(event: Event, settings) -> str:
+    """Item events go to the item topic, interactions to the user topic."""
+    return settings.topic_user_events if isinstance(event, Interaction) else settings.topic_item_events
