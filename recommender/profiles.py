@@ -1,0 +1,58 @@
+"""The profile updater: `user-events` in, each user's seen set, recent items and profile in Redis.
+
+A consumer group on `user-events` (keyed by user, so one updater owns a user's events). The
+embeddings of the items in a batch are read from Redis in one round trip; `Store` applies each
+interaction once (a redelivered one changes nothing), then offsets are committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from ingest.eventlog import EventConsumer, EventLog
+from ingest.schema import Interaction
+from ingest.settings import Settings
+from recommender.store import Store, wait_for_redis
+
+log = logging.getLogger("recommender.profiles")
+PROFILE_GROUP = "profile-updaters"
+
+
+class ProfileUpdater:
+    def __init__(self, event_log: EventLog, store: Store, settings: Settings, group: str = PROFILE_GROUP):
+        self.store = store
+        self.consumer = EventConsumer(event_log, settings, [settings.topic_user_events], group)
+        self.applied = 0
+
+    def step(self, max_records: int = 500, timeout_ms: int = 100) -> int:
+        polled = self.consumer.poll(max_records=max_records, timeout_ms=timeout_ms)
+        interactions = []
+        for record, event in polled:
+            if isinstance(event, Interaction):
+                interactions.append(event)
+            else:
+                self.consumer.dead_letter(record, f"{event.type} event on the user topic")
+        while True:
+            try:
+                embeddings = self.store.item_embeddings(sorted({e.item_id for e in interactions}))
+                self.applied += self.store.apply_interactions(interactions, embeddings)
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unavailable (%s); retrying", exc)
+                try:
+                    wait_for_redis(self.store, timeout_s=5)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass
+        self.consumer.commit()
+        return len(interactions)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.step()
+        self.consumer.commit()
+
+    def close(self) -> None:
+        self.consumer.close()

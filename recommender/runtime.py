@@ -1,0 +1,71 @@
+"""Wires the components of one process from the settings: the same code for every mode.
+
+Embedded mode (`make demo`): the in-process log and an embedded store, with the encoder worker,
+profile updater and index updater as threads beside the HTTP service. Service mode
+(`python -m recommender.service` against Kafka and Redis): the index updater only; the workers run
+in their own processes (`python -m encoder.worker`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import faiss
+
+from encoder.loading import load_encoder, resolve_encoder_spec
+from encoder.worker import EncoderWorker
+from ingest.eventlog import EventProducer, ensure_topics, open_event_log
+from ingest.settings import Settings
+from recommender.core import IndexUpdater, Recommender
+from recommender.index import ItemIndex
+from recommender.metrics import Metrics
+from recommender.profiles import ProfileUpdater
+from recommender.store import Store, open_redis, wait_for_redis
+
+log = logging.getLogger("recommender.runtime")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, with_workers: bool | None = None, encoder=None):
+        """`with_workers` (default: in embedded mode) runs the encoder worker and profile updater."""
+        self.settings = settings
+        faiss.omp_set_num_threads(1)  # one query at a time is tiny; OpenMP start-up costs more
+        self.event_log = open_event_log(settings)
+        ensure_topics(self.event_log, settings)
+        self.store = Store(open_redis(settings.redis_url))
+        wait_for_redis(self.store)
+        self.metrics = Metrics()
+        self.with_workers = settings.embedded_log if with_workers is None else with_workers
+        self.encoder = encoder
+        if self.encoder is None:
+            self.encoder = load_encoder(resolve_encoder_spec(settings.encoder))
+        self.index = ItemIndex(self.encoder.dim)
+        self.producer = EventProducer(self.event_log, settings)
+        self.recommender = Recommender(self.store, self.index, self.producer, settings, self.metrics)
+        self.index_updater = IndexUpdater(self.event_log, self.store, self.index, settings, self.metrics)
+        self.worker = EncoderWorker(self.event_log, self.store, self.encoder, settings) \
+            if self.with_workers else None
+        self.profiles = ProfileUpdater(self.event_log, self.store, settings) if self.with_workers else None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self.index_updater.bootstrap()
+        loops = [("index-updater", self.index_updater.run)]
+        if self.worker:
+            loops += [("encoder-worker", self.worker.run), ("profile-updater", self.profiles.run)]
+        for name, loop in loops:
+            thread = threading.Thread(target=loop, args=(self._stop,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for part in (self.worker, self.profiles, self.index_updater):
+            if part is not None:
+                part.close()
+        self.producer.close()
+        self.event_log.close()

@@ -1,0 +1,122 @@
+"""The recommender HTTP service: `python -m recommender.service` (FastAPI + uvicorn).
+
+Thin routes over `recommender.core.Recommender` (DESIGN.md seams):
+`GET /items/{item_id}/similar?k=`, `GET /users/{user_id}/recommendations?k=`, `POST /events`,
+`GET /health` (with `index_size`), `GET /metrics` (Prometheus text), and `GET /stats` (recent
+latency and freshness percentiles for the UI).
+"""
+
+
+import argparse
+import logging
+from typing import Annotated, Any
+
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from ingest.schema import InvalidEvent
+from ingest.settings import Settings, add_settings_flags, settings_from_args
+from recommender.core import MAX_K, Recommender, UnknownItem
+
+log = logging.getLogger("recommender.service")
+
+
+class ResultItem(BaseModel, extra="allow"):
+    item_id: str
+    score: float
+    title: str
+
+
+class Results(BaseModel, extra="allow"):
+    items: list[ResultItem]
+    latency_ms: dict[str, float]
+
+
+class Accepted(BaseModel):
+    event_id: str
+    ts: float
+    type: str
+    topic: str
+
+
+K = Annotated[int, Query(ge=1, le=MAX_K, description=f"how many results, 1 to {MAX_K}")]
+Id = Annotated[str, Path(min_length=1, max_length=256)]
+
+
+def create_app(recommender: Recommender) -> FastAPI:
+    app = FastAPI(title="ternrec recommender", version="0.1.0")
+
+    def core() -> Recommender:
+        return recommender
+
+    Core = Annotated[Recommender, Depends(core)]
+
+    @app.get("/items/{item_id}/similar", response_model=Results)
+    def similar(item_id: Id, rec: Core, k: K = 10):
+        try:
+            return rec.similar(item_id, k).to_dict()
+        except UnknownItem as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.get("/users/{user_id}/recommendations", response_model=Results)
+    def recommendations(user_id: Id, rec: Core, k: K = 10):
+        return rec.recommend(user_id, k).to_dict()
+
+    @app.post("/events", status_code=202, response_model=Accepted)
+    def events(rec: Core, body: Annotated[Any, Body()]):
+        try:
+            event = rec.submit(body)
+        except InvalidEvent as exc:
+            raise HTTPException(422, f"invalid event: {exc}") from None
+        return Accepted(event_id=event.event_id, ts=event.ts, type=event.type, topic=rec.topic_of(event))
+
+    @app.get("/health")
+    def health(rec: Core):
+        status = rec.health()
+        return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)
+
+    @app.get("/stats")
+    def stats(rec: Core, window_s: Annotated[float, Query(gt=0, le=3600)] = 60.0):
+        return {**rec.metrics.snapshot(window_s), "freshness_series": rec.metrics.freshness_series(),
+                "index_size": len(rec.index)}
+
+    @app.get("/metrics")
+    def metrics(rec: Core):
+        return Response(rec.metrics.prometheus_text(), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(ValueError)
+    def bad_value(_: Request, exc: ValueError):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    return app
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning",
+                access_log=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve similar-item and per-user recommendations.")
+    add_settings_flags(parser)
+    parser.add_argument("--http-port", type=int, help="overrides TERNREC_HTTP_PORT")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = settings_from_args(args)
+    from recommender.runtime import Runtime
+
+    runtime = Runtime(settings)
+    runtime.start()
+    log.info("serving on http://%s:%d (index: %d items)", settings.http_host, settings.http_port,
+             len(runtime.index))
+    try:
+        serve(create_app(runtime.recommender), settings)
+    finally:
+        runtime.stop()
+
+
+if __name__ == "__main__":
+    main()
