@@ -399,6 +399,11 @@ log4j.logger.kafka.log.LogCleaner=WARN
 """
 
 
+def _read_properties(path: Path) -> dict[str, str]:
+    pairs = (ln.split("=", 1) for ln in path.read_text().splitlines() if "=" in ln and not ln.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 class LocalKafka(_Service):
     """A single-node Kafka broker in KRaft mode (broker + controller in one JVM) on 127.0.0.1.
 
@@ -431,6 +436,7 @@ class LocalKafka(_Service):
         self.partitions = partitions
         self.heap = heap
         self.extra_config = dict(extra_config or {})
+        self.cluster_id: str | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -482,11 +488,14 @@ class LocalKafka(_Service):
         props = self.data_dir / "server.properties"
         props.write_text("".join(f"{k}={v}\n" for k, v in self.config().items()))
         (self.data_dir / "log4j.properties").write_text(_LOG4J.format(log=self.data_dir / "server.log"))
-        if (self.data_dir / "data" / "meta.properties").exists():
-            return  # formatted on an earlier start: keep the data
+        meta = self.data_dir / "data" / "meta.properties"
+        if meta.exists():  # formatted on an earlier start: keep the data
+            self.cluster_id = _read_properties(meta)["cluster.id"]
+            return
+        self.cluster_id = _cluster_id()
         cmd = [
             "java", "-Xmx128m", "-cp", f"{libs}/*", *self._jvm_props(),
-            "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props), "--ignore-formatted",
+            "kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(props),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.data_dir, timeout=120)
         if proc.returncode != 0:
@@ -534,7 +543,9 @@ class LocalKafka(_Service):
                 bootstrap_servers=self.bootstrap, client_id="ternrec-ready",
                 request_timeout_ms=3000, bootstrap_timeout_ms=3000,
             )  # fmt: skip
-            return bool(admin.describe_cluster().get("brokers"))
+            cluster = admin.describe_cluster()
+            # The cluster id tells our broker from another one that grabbed the port.
+            return bool(cluster.get("brokers")) and cluster.get("cluster_id") == self.cluster_id
         except KafkaConfigurationError:
             raise  # our bug, not "not ready yet"
         except (KafkaError, OSError):
@@ -613,11 +624,18 @@ class LocalRedis(_Service):
 
     def _ready(self) -> bool:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         try:
-            with redis.Redis(host=HOST, port=self.port, password=self.password, socket_timeout=1.0) as r:
-                return bool(r.ping())  # raises BusyLoadingError while the AOF is replayed
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            # No client-side retries: this loop is the retry, and it must see each failure at once.
+            with redis.Redis(host=HOST, port=self.port, password=self.password, socket_timeout=1.0,
+                             retry=Retry(NoBackoff(), 0)) as r:  # fmt: skip
+                r.ping()  # raises BusyLoadingError while the AOF is replayed
+                # Someone else may own the port (our server then exits on the bind error):
+                # only our own process counts as ready.
+                return int(r.info("server")["process_id"]) == self.pid
+        except redis.RedisError:
             return False
 
 

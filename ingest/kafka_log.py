@@ -1,0 +1,259 @@
+"""`KafkaLog`: the event-log interface of ingest/eventlog.py on a real Kafka cluster.
+
+The one place that talks to Kafka (kafka-python). Producers are durable-by-default (acks=all,
+idempotent, unbounded retries within a delivery timeout, ~5 ms batching) and surface a failed
+delivery at `flush()`, so a caller that flushes before committing its input never loses a record.
+Consumers are consumer-group members with manual, synchronous commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import weakref
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
+from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from ingest.eventlog import Record
+
+log = logging.getLogger(__name__)
+
+
+class KafkaLog:
+    """A Kafka cluster seen through the event-log interface (see ingest/eventlog.py)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str = "ternrec",
+        *,
+        session_timeout_ms: int = 6000,
+        heartbeat_interval_ms: int = 1000,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.client_id = client_id
+        # A worker killed with SIGKILL holds its partitions until its session times out; 6 s
+        # (the broker's default minimum) instead of kafka-python's 45 s keeps failover quick.
+        self.session_timeout_ms = session_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self._admin: KafkaAdminClient | None = None
+        self._admin_lock = threading.Lock()
+        self._children: weakref.WeakSet[KafkaLogProducer | KafkaLogConsumer] = weakref.WeakSet()
+
+    # -- topics ---------------------------------------------------------------------------
+    def admin(self) -> KafkaAdminClient:
+        with self._admin_lock:
+            if self._admin is None:
+                self._admin = KafkaAdminClient(bootstrap_servers=self.bootstrap,
+                                               client_id=f"{self.client_id}-admin")
+            return self._admin
+
+    def ensure_topics(self, names_partitions: dict[str, int], compacted: set[str]) -> None:
+        """Creates the missing topics (those in `compacted` with cleanup.policy=compact) and
+        waits until every partition of every named topic has a leader. Idempotent; another
+        process creating the same topic at the same time is fine."""
+        unknown = set(compacted) - set(names_partitions)
+        if unknown:
+            raise ValueError(f"compacted topics not in names_partitions: {sorted(unknown)}")
+        admin = self.admin()
+        existing = set(admin.list_topics())
+        missing = {
+            name: {
+                "num_partitions": count,
+                # -1 = the broker's default.replication.factor (1 on a single node, 3 in prod).
+                "replication_factor": -1,
+                "configs": {"cleanup.policy": "compact"} if name in compacted else {},
+            }
+            for name, count in names_partitions.items()
+            if name not in existing
+        }
+        if missing:
+            result = admin.create_topics(missing, raise_errors=False)
+            for topic in result["topics"]:
+                code = topic.get("error_code", 0)
+                if code == 0 or code == TopicAlreadyExistsError.errno:
+                    continue  # created, or created concurrently by someone else
+                raise KafkaError(f"creating topic {topic['name']!r} failed: error {code} "
+                                 f"{topic.get('error_message') or ''}".strip())
+        admin.wait_for_topics(list(names_partitions), timeout_ms=30_000)
+        for name in set(names_partitions) & existing:
+            have = self.partition_count(name)
+            if have != names_partitions[name]:
+                log.warning("topic %r exists with %d partitions (asked for %d); left as is",
+                            name, have, names_partitions[name])
+
+    def partition_count(self, topic: str) -> int:
+        (info,) = self.admin().describe_topics([topic])
+        if info.get("error_code", 0):
+            raise KeyError(f"topic {topic!r} does not exist (ensure_topics creates it)")
+        return len(info["partitions"])
+
+    def topic_config(self, topic: str) -> dict[str, str]:
+        """The topic's non-default configuration, e.g. {"cleanup.policy": "compact"}."""
+        (configs,) = self.admin().describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="modified")["topic"].values()
+        return {k: v["value"] if isinstance(v, dict) else v for k, v in configs.items()}
+
+    # -- clients --------------------------------------------------------------------------
+    def producer(self) -> KafkaLogProducer:
+        p = KafkaLogProducer(self)
+        self._children.add(p)
+        return p
+
+    def consumer(self, topics: list[str], group: str, from_beginning: bool = True) -> KafkaLogConsumer:
+        c = KafkaLogConsumer(self, topics, group, from_beginning)
+        self._children.add(c)
+        return c
+
+    def close(self) -> None:
+        """Closes the admin client and every producer/consumer this log handed out."""
+        for child in list(self._children):
+            with contextlib.suppress(Exception):
+                child.close()
+        with self._admin_lock:
+            if self._admin is not None:
+                with contextlib.suppress(Exception):
+                    self._admin.close()
+                self._admin = None
+
+    def __enter__(self) -> KafkaLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class KafkaLogProducer:
+    """Sends bytes with an optional string key (the key picks the partition: murmur2, as Java)."""
+
+    def __init__(self, owner: KafkaLog) -> None:
+        self._producer = KafkaProducer(
+            bootstrap_servers=owner.bootstrap,
+            client_id=f"{owner.client_id}-producer",
+            acks="all",
+            enable_idempotence=True,  # retries cannot duplicate or reorder within a partition
+            retries=2**31 - 1,  # bounded by delivery_timeout_ms instead
+            delivery_timeout_ms=120_000,
+            linger_ms=5,  # small batches: throughput without hurting freshness
+            batch_size=64 * 1024,
+            max_block_ms=30_000,  # send() blocks (bounded backpressure) when the buffer is full
+            allow_auto_create_topics=False,
+        )
+        self._error: Exception | None = None
+        self._failed = 0
+        self._closed = False
+
+    def _on_error(self, exc: Exception) -> None:
+        # Runs on the I/O thread; the caller learns about it at the next flush().
+        self._failed += 1
+        if self._error is None:
+            self._error = exc
+
+    def send(self, topic: str, value: bytes, key: str | None = None) -> None:
+        future = self._producer.send(topic, value=bytes(value), key=key.encode() if key is not None else None)
+        future.add_errback(self._on_error)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Blocks until every record sent so far is acknowledged by the broker (acks=all);
+        raises if any of them could not be delivered."""
+        self._producer.flush(timeout=timeout)
+        self._raise_delivery_error()
+
+    def _raise_delivery_error(self) -> None:
+        if self._error is not None:
+            error, failed = self._error, self._failed
+            self._error, self._failed = None, 0
+            raise KafkaError(f"{failed} record(s) not delivered: {error!r}") from error
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._producer.close()  # flushes what is buffered
+        self._raise_delivery_error()
+
+
+class KafkaLogConsumer:
+    """A consumer-group member; offsets are committed only by `commit()`, synchronously."""
+
+    def __init__(self, owner: KafkaLog, topics: list[str], group: str, from_beginning: bool) -> None:
+        self.group = group
+        self._consumer = KafkaConsumer(
+            *topics,
+            bootstrap_servers=owner.bootstrap,
+            client_id=f"{owner.client_id}-consumer",
+            group_id=group,
+            enable_auto_commit=False,  # at-least-once: the caller commits after its writes
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            session_timeout_ms=owner.session_timeout_ms,
+            heartbeat_interval_ms=owner.heartbeat_interval_ms,
+            fetch_max_wait_ms=100,
+            allow_auto_create_topics=False,
+        )
+        self._polled: dict[TopicPartition, int] = {}  # next offset after what poll returned
+        self._committed: dict[TopicPartition, int] = {}
+        self._closed = False
+
+    def poll(self, max_records: int = 500, timeout_ms: int = 100) -> list[Record]:
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        out: list[Record] = []
+        for tp, records in batches.items():
+            for r in records:
+                key = r.key.decode(errors="replace") if r.key is not None else None
+                out.append(Record(r.topic, r.partition, r.offset, key, r.value or b"", r.timestamp))
+            if records:
+                self._polled[tp] = max(self._polled.get(tp, 0), records[-1].offset + 1)
+        return out
+
+    def commit(self, records: list[Record] | None = None) -> None:
+        """Commits offset+1 of the highest given record per partition (None: everything poll
+        returned so far) and returns once the broker has stored them.
+
+        Partitions that a rebalance has moved to another member are skipped, and a commit the
+        group rejects because it rebalanced since our last poll is dropped (logged): in both
+        cases the records are delivered again from the last committed offset, which
+        at-least-once allows and idempotent writes absorb. A commit never moves an offset back.
+        """
+        if records is None:
+            wanted = dict(self._polled)
+        else:
+            wanted = {}
+            for r in records:
+                tp = TopicPartition(r.topic, r.partition)
+                wanted[tp] = max(wanted.get(tp, 0), r.offset + 1)
+        assigned = self._consumer.assignment() or set()
+        offsets = {
+            tp: OffsetAndMetadata(pos, "", -1)
+            for tp, pos in wanted.items()
+            if tp in assigned and pos > self._committed.get(tp, -1)
+        }
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets)
+        except CommitFailedError as exc:
+            log.warning("commit of %d partition(s) dropped, group %r rebalanced: %s",
+                        len(offsets), self.group, exc)
+            return
+        for tp, om in offsets.items():
+            self._committed[tp] = om.offset
+
+    def assignment(self) -> set[tuple[str, int]]:
+        """The (topic, partition) pairs this member owns now."""
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment() or ()}
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        """The group's committed offset of one partition, as the broker has it."""
+        return self._consumer.committed(TopicPartition(topic, partition))
+
+    def close(self) -> None:
+        """Leaves the group at once (no waiting for a session timeout) without committing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._consumer.close(autocommit=False)
+
