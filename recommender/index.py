@@ -23,6 +23,8 @@ import numpy as np
 
 from recommender.store import ItemChange
 
+TIE_SLACK = 8
+
 
 class ItemIndex:
     def __init__(self, dim: int, factory: str = "Flat"):
@@ -92,11 +94,14 @@ class ItemIndex:
     def search(self, query: np.ndarray, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
         """The k best items by inner product with `query`, skipping `exclude`."""
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
-        want = min(k + len(exclude), len(self._live))
+        # A few spare results so that equal scores are ordered by item id, not by insertion order
+        # (a rebuilt index then answers exactly as the one it replaces).
+        want = min(k + len(exclude) + TIE_SLACK, len(self._live))
         if want <= 0:
             return []
         with self._lock:
             scores, ids = self._index.search(query, want)
             found = [(self._item_of[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=True)
                      if i >= 0]
+        found.sort(key=lambda hit: (-hit[1], hit[0]))
         return [(item_id, score) for item_id, score in found if item_id not in exclude][:k]

@@ -1,0 +1,261 @@
+"""The pipeline on a real Kafka broker and a real redis-server, with the worker as a real process.
+
+End to end with the default encoder; fault tests (worker SIGKILLed mid-stream, Redis restarted
+under a running worker, recommender restarted) with the model-free hashing encoder so that the
+many restarts stay cheap and embeddings can be compared bit for bit.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from encoder.hashing import HashingEncoder
+from ingest.catalog import load_items
+from ingest.eventlog import EventProducer
+from ingest.replay import Selection, replay, selected_events
+from ingest.schema import ItemDelete
+from ingest.settings import Settings
+from recommender.runtime import Runtime
+from recommender.service import create_app
+from recommender.store import Store, open_redis
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition, timeout=120.0, what="condition", every=0.1):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture
+def settings(stack_settings):
+    """This test's own topics, an emptied Redis, and a short micro-batch wait."""
+    return stack_settings.model_copy(update={"max_wait_ms": 5})
+
+
+def with_topics_and_db(settings: Settings, db: int) -> Settings:
+    """The same servers, fresh topics and another Redis database: an independent second run."""
+    prefix = uuid.uuid4().hex[:8]
+    return settings.model_copy(update={
+        "redis_url": settings.redis_url.rsplit("/", 1)[0] + f"/{db}",
+        **{f"topic_{n}": f"{prefix}-{n}" for n in ("item_events", "user_events", "item_embeddings",
+                                                   "dead_letter")}})
+
+
+def settings_env(settings: Settings, encoder: str) -> dict[str, str]:
+    env = {**os.environ, "TERNREC_ENCODER": encoder, "HF_HUB_OFFLINE": "1"}
+    for name in ("kafka_bootstrap", "redis_url", "max_wait_ms", "topic_item_events", "topic_user_events",
+                 "topic_item_embeddings", "topic_dead_letter"):
+        env[f"TERNREC_{name.upper()}"] = str(getattr(settings, name))
+    return env
+
+
+class WorkerProcess:
+    """`python -m encoder.worker` as a child process, killable at any instant."""
+
+    def __init__(self, settings: Settings, encoder: str, log_dir: Path):
+        self.env = settings_env(settings, encoder)
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.log_dir / f"worker-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "encoder.worker"], cwd=REPO, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else 0
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    workers = []
+
+    def make(settings, encoder="hashing:384"):
+        worker = WorkerProcess(settings, encoder, tmp_path)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.kill()
+
+
+def item_events(n):
+    return [item.to_event() for item in load_items()[:n]]
+
+
+def store_for(settings) -> Store:
+    return Store(open_redis(settings.redis_url))
+
+
+def stored_item_keys(store: Store) -> list[bytes]:
+    return list(store.r.scan_iter(match=f"{store.p}item:*", count=1000))
+
+
+def test_end_to_end_with_the_default_encoder(settings, worker_factory):
+    worker = worker_factory(settings, encoder="")  # the product's default model
+    worker.start()
+    runtime = Runtime(settings, with_workers=False, encoder=HashingEncoder(384))  # the service side
+    runtime.start()
+    try:
+        events = selected_events(Selection(limit=2000, users=50, interleave=True))
+        summary = replay(runtime.event_log, settings, events, progress=False)
+        assert summary.failed == 0
+        wait_for(lambda: len(runtime.index) == 2000, timeout=600, what="2,000 items indexed")
+        store = store_for(settings)
+        assert store.item_count() == 2000 and len(stored_item_keys(store)) == 2000
+        assert runtime.index._index.ntotal == 2000  # no duplicate vectors
+        client = TestClient(create_app(runtime.recommender))
+        for item in load_items()[:2000]:
+            response = client.get(f"/items/{item.item_id}/similar", params={"k": 5})
+            assert response.status_code == 200, item.item_id
+            assert len(response.json()["items"]) == 5
+        # Per-user recommendations never include a seen item.
+        users = sorted({e.user_id for e in events if e.type == "interaction"})
+        wait_for(lambda: all(store.user_profile(u).seen for u in users), what="profiles")
+        for user in users:
+            seen = store.user_profile(user).seen
+            got = {i["item_id"] for i in client.get(f"/users/{user}/recommendations", params={"k": 30})
+                   .json()["items"]}
+            assert got and not got & seen
+        # A deleted item disappears from every answer.
+        neighbour = client.get("/items/1/similar", params={"k": 1}).json()["items"][0]["item_id"]
+        EventProducer(runtime.event_log, settings).send(ItemDelete(type="item_delete", item_id=neighbour))
+        wait_for(lambda: neighbour not in runtime.index, what="delete applied")
+        assert client.get(f"/items/{neighbour}/similar").status_code == 404
+        assert neighbour not in {i["item_id"] for i in client.get("/items/1/similar", params={"k": 50})
+                                 .json()["items"]}
+        assert store.item_count() == 1999
+    finally:
+        runtime.stop()
+        assert worker.stop() == 0  # SIGTERM drains and exits cleanly
+
+
+def run_clean(settings: Settings, worker_factory, events) -> dict[str, np.ndarray]:
+    worker = worker_factory(settings)
+    worker.start()
+    store = store_for(settings)
+    producer = EventProducer(_kafka_log(settings), settings)
+    for event in events:
+        producer.send(event)
+    producer.flush()
+    wait_for(lambda: store.item_count() == len(events), what="clean run")
+    worker.stop()
+    return store.item_embeddings([e.item_id for e in events])
+
+
+def _kafka_log(settings):
+    from ingest.kafka_log import KafkaLog
+
+    return KafkaLog(settings.kafka_bootstrap)
+
+
+def test_worker_killed_at_random_moments_loses_nothing_and_duplicates_nothing(settings, worker_factory):
+    events = item_events(5000)
+    worker = worker_factory(settings)
+    worker.start()
+    event_log = _kafka_log(settings)
+    sender = threading.Thread(target=replay, args=(event_log, settings, events),
+                              kwargs={"rate": 1500, "progress": False})
+    sender.start()
+    rng = random.Random(7)
+    kills = 0
+    while sender.is_alive() or kills < 3:
+        time.sleep(rng.uniform(0.3, 1.2))
+        worker.kill()
+        kills += 1
+        worker.start()
+    sender.join()
+    store = store_for(settings)
+    wait_for(lambda: store.item_count() == 5000, what="all items after restarts")
+    worker.stop()
+    assert kills >= 3
+    assert len(stored_item_keys(store)) == 5000
+
+    # The index, bootstrapped from Redis and the item-embeddings log, holds each item once.
+    runtime = Runtime(settings, with_workers=False, encoder=HashingEncoder(384))
+    runtime.start()
+    try:
+        wait_for(lambda: runtime.index_updater.ready.is_set(), what="index caught up")
+        assert len(runtime.index) == 5000 and runtime.index._index.ntotal == 5000
+    finally:
+        runtime.stop()
+
+    # Embeddings equal a clean run's (fresh topics and database, no kills).
+    clean_settings = with_topics_and_db(settings, db=1)
+    store_for(clean_settings).r.flushdb()
+    clean = run_clean(clean_settings, worker_factory, events)
+    crashed = store.item_embeddings([e.item_id for e in events])
+    assert clean.keys() == crashed.keys() and len(clean) == 5000
+    for item_id, vector in clean.items():
+        np.testing.assert_array_equal(crashed[item_id], vector)
+
+
+def test_recommender_restart_answers_the_same(settings, worker_factory):
+    worker = worker_factory(settings)
+    worker.start()
+    first = Runtime(settings, with_workers=False, encoder=HashingEncoder(384))
+    first.start()
+    replay(first.event_log, settings, item_events(1500), progress=False)
+    wait_for(lambda: len(first.index) == 1500, what="1,500 items indexed")
+    before = {str(i): first.recommender.similar(str(i), 10).items for i in range(1, 200)}
+    first.stop()
+    worker.stop()
+    second = Runtime(settings, with_workers=False, encoder=HashingEncoder(384))
+    second.start()
+    try:
+        assert len(second.index) == 1500  # bootstrapped from Redis alone
+        after = {str(i): second.recommender.similar(str(i), 10).items for i in range(1, 200)}
+        assert after == before
+    finally:
+        second.stop()
+
+
+def test_redis_restart_under_a_running_worker_loses_nothing(settings, worker_factory, make_redis):
+    redis_server = make_redis(password="s3cret")  # a private server: restarting it disturbs no one
+    settings = settings.model_copy(update={"redis_url": redis_server.url})
+    worker = worker_factory(settings)
+    worker.start()
+    event_log = _kafka_log(settings)
+    events = item_events(3000)
+    sender = threading.Thread(target=replay, args=(event_log, settings, events),
+                              kwargs={"rate": 1000, "progress": False})
+    sender.start()
+    store = store_for(settings)
+    wait_for(lambda: store.item_count() > 300, what="worker writing")
+    redis_server.restart()
+    sender.join()
+    wait_for(lambda: store.item_count() == 3000, what="all items after the Redis restart")
+    assert worker.proc.poll() is None  # the worker waited and retried; it did not die
+    assert worker.stop() == 0
+    assert len(stored_item_keys(store)) == 3000
+    assert set(store.item_embeddings([e.item_id for e in events])) == {e.item_id for e in events}
+
