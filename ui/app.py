@@ -1,0 +1,56 @@
+"""The ternrec UI: `streamlit run ui/app.py` (started by `make demo` on TERNREC_UI_PORT).
+
+Talks to the recommender over HTTP only (ui/client.py), at TERNREC_SERVICE_URL (or the URL made of
+TERNREC_HTTP_HOST and TERNREC_HTTP_PORT): the same page works against `make demo`, `make stack`
+and docker compose.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run ui/app.py` puts ui/ on sys.path, not the repository: make `ui.*` and `ingest.*` importable.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import streamlit as st  # noqa: E402
+
+from ui import add_book, live, model, recommend  # noqa: E402
+from ui.client import ServiceError  # noqa: E402
+from ui.common import client, service_url  # noqa: E402
+
+
+def sidebar() -> None:
+    with st.sidebar:
+        st.markdown("### ternrec")
+        st.caption("Real-time book recommendations from a ternary-weight embedding model "
+                   "on a packed 2-bit CPU kernel.")
+        st.markdown(f"Service: `{service_url()}`")
+        try:
+            health = client().health()
+        except ServiceError as exc:
+            st.error(exc.message)
+            return
+        status = health.get("status", "?")
+        (st.success if status == "ok" else st.warning)(
+            f"{status} · {health.get('index_size', 0):,} books searchable")
+        st.markdown(f"[API docs]({service_url()}/docs) · [metrics]({service_url()}/metrics)")
+
+
+def main() -> None:
+    st.set_page_config(page_title="ternrec", page_icon=":material/menu_book:", layout="wide")
+    sidebar()
+    tabs = st.tabs(["Recommend", "Live", "Model", "Add a book"])
+    with tabs[0]:
+        recommend.render()
+    with tabs[1]:
+        live.render()
+    with tabs[2]:
+        model.render()
+    with tabs[3]:
+        add_book.render()
+
+
+main()

@@ -1,0 +1,151 @@
+"""Model: full precision vs ternary, from the benchmark reports in `reports/*.json`.
+
+The reports are written by the benchmarks (`make bench` and the encoder's evaluation); their exact
+keys belong to them, so this page reads whatever is there: headline numbers, the command that
+produced each file, tables where several variants share numeric fields (with bar charts), and the
+raw JSON. A missing or unreadable file is a message, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from ui.common import REPORTS_DIR
+
+KNOWN_REPORTS = {
+    "quality.json": "Quality: retrieval and similarity scores",
+    "speed.json": "Speed: encoder throughput and latency",
+    "kernel.json": "Packed 2-bit kernel",
+    "ann.json": "Vector index (ANN)",
+    "pipeline.json": "Streaming pipeline",
+}
+COMMAND_KEYS = ("command", "cmd", "commands", "produced_by", "how")
+MAX_CHARTS = 4
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _label(path: tuple[str, ...]) -> str:
+    return " › ".join(path) if path else "summary"
+
+
+def commands(report: Any, path: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Every recorded command in the report, with where it sits."""
+    found = []
+    if isinstance(report, dict):
+        for key, value in report.items():
+            if key in COMMAND_KEYS and isinstance(value, str):
+                found.append((_label(path), value))
+            elif key in COMMAND_KEYS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                found += [(_label(path), v) for v in value]
+            else:
+                found += commands(value, (*path, str(key)))
+    elif isinstance(report, list):
+        for n, value in enumerate(report):
+            found += commands(value, (*path, str(n)))
+    return found
+
+
+def headline(report: dict) -> dict[str, Any]:
+    """Top-level scalar figures (numbers and short strings)."""
+    return {k: v for k, v in report.items()
+            if k not in COMMAND_KEYS and (_is_number(v) or (isinstance(v, str) and len(v) <= 40))}
+
+
+def tables(report: Any, path: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
+    """Tables found in the report: dicts of sibling records sharing numeric fields, and lists of records."""
+    found: list[tuple[str, pd.DataFrame]] = []
+    if isinstance(report, dict):
+        records = {k: v for k, v in report.items() if isinstance(v, dict)}
+        numeric = {k: {f for f, x in v.items() if _is_number(x)} for k, v in records.items()}
+        shared = set.intersection(*numeric.values()) if len(numeric) >= 2 else set()
+        if shared:
+            rows = {k: {f: x for f, x in v.items() if _is_number(x) or isinstance(x, str)}
+                    for k, v in records.items() if numeric[k] & shared}
+            found.append((_label(path), pd.DataFrame.from_dict(rows, orient="index")))
+        for key, value in report.items():
+            if not (shared and key in records and numeric[key] & shared) or any(
+                    isinstance(x, (dict, list)) for x in value.values()):
+                found += tables(value, (*path, str(key)))
+    elif isinstance(report, list) and report and all(isinstance(r, dict) for r in report):
+        flat = [{k: v for k, v in r.items() if _is_number(v) or isinstance(v, str)} for r in report]
+        frame = pd.DataFrame(flat)
+        if any(pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns):
+            found.append((_label(path), frame))
+        for n, value in enumerate(report):
+            for key, inner in value.items():
+                if isinstance(inner, (dict, list)):
+                    found += tables(inner, (*path, str(n), str(key)))
+    return found
+
+
+def _charts(frame: pd.DataFrame) -> None:
+    """Bar charts, one per numeric column, when the table compares a handful of variants."""
+    numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c]) and frame[c].notna().any()]
+    if len(frame) < 2 or len(frame) > 12 or not numeric:
+        return
+    labels = frame.index.astype(str)
+    text_cols = [c for c in frame.columns if c not in numeric]
+    if isinstance(frame.index, pd.RangeIndex) and text_cols:
+        labels = frame[text_cols[0]].astype(str)
+    charts = numeric[:MAX_CHARTS]
+    for column, name in zip(st.columns(len(charts)), charts, strict=True):
+        with column:
+            st.caption(str(name))
+            st.bar_chart(pd.Series(frame[name].to_numpy(), index=labels, name=str(name)), height=180)
+
+
+def load_report(path: Path) -> tuple[Any, str | None]:
+    try:
+        return json.loads(path.read_text()), None
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable: {exc}"
+
+
+def render_report(name: str, title: str, report: Any) -> None:
+    st.subheader(title)
+    st.caption(f"reports/{name}")
+    if isinstance(report, dict):
+        figures = headline(report)
+        if figures:
+            for column, (key, value) in zip(st.columns(min(len(figures), 4)), list(figures.items())[:8],
+                                            strict=False):
+                column.metric(key, f"{value:,.4g}" if _is_number(value) else value)
+    for where, command in commands(report):
+        st.markdown(f"Produced by ({where}):")
+        st.code(command, language="bash")
+    for where, frame in tables(report):
+        st.markdown(f"**{where}**")
+        st.dataframe(frame, width="stretch")
+        _charts(frame)
+    with st.expander("raw JSON"):
+        st.json(report, expanded=False)
+
+
+def render(reports_dir: Path | str = REPORTS_DIR) -> None:
+    reports_dir = Path(reports_dir)
+    st.markdown("Full precision vs ternary: size, speed and quality, as measured by the benchmarks "
+                "(`make bench`) and recorded in `reports/*.json`.")
+    names = list(KNOWN_REPORTS) + sorted(p.name for p in reports_dir.glob("*.json") if p.name not in KNOWN_REPORTS)
+    missing = []
+    for name in names:
+        report, problem = load_report(reports_dir / name)
+        if problem == "missing":
+            missing.append(name)
+        elif problem:
+            st.warning(f"reports/{name} is {problem}")
+        else:
+            render_report(name, KNOWN_REPORTS.get(name, name.removesuffix(".json")), report)
+            st.divider()
+    if missing:
+        st.info("Not measured yet: " + ", ".join(f"`reports/{n}`" for n in missing)
+                + ". Run `make bench` to produce them.")
