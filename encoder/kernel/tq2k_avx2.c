@@ -1,0 +1,153 @@
+/* AVX2 path (vpmaddubsw + vpmaddwd). Each 64-byte tile is used as two 32-byte halves of 8 output rows.
+ * No int16 saturation risk: a vpmaddubsw pair sum is at most 2 * 2 * 127 = 508. */
+#include <string.h>
+
+#include "tq2k.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+#define RMAX 4 /* rows per micro-tile; 4 rows x 2 halves = 8 ymm accumulators of the 16 */
+#define ROW_BLOCK 64
+
+static inline __attribute__((always_inline)) float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static inline __attribute__((always_inline)) int32_t hsum8i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+void tq2k_quantize_avx2(const tq2k_args *a, int r0, int r1) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    float tail[16];
+    for (int m = r0; m < r1; m++) {
+        const float *x = a->x + (size_t)m * a->K;
+        int8_t *q = a->q + (size_t)m * a->kpad;
+        __m256 vmax = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 8 <= a->K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+        float amax = hmax8(vmax);
+        for (; k < a->K; k++) {
+            float v = x[k] < 0 ? -x[k] : x[k];
+            amax = v > amax ? v : amax;
+        }
+        __m256i vsum = _mm256_setzero_si256();
+        if (amax > 0.0f) {
+            const __m256 inv = _mm256_set1_ps(127.0f / amax);
+            for (k = 0; k < a->kpad; k += 16) {
+                const float *src = x + k;
+                if (k + 16 > a->K) { /* last partial chunk: zero-padded copy */
+                    memset(tail, 0, sizeof tail);
+                    if (a->K > k) memcpy(tail, x + k, (size_t)(a->K - k) * sizeof(float));
+                    src = tail;
+                }
+                __m256i v0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src), inv));
+                __m256i v1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + 8), inv));
+                v0 = _mm256_max_epi32(_mm256_min_epi32(v0, hi), lo);
+                v1 = _mm256_max_epi32(_mm256_min_epi32(v1, hi), lo);
+                vsum = _mm256_add_epi32(vsum, _mm256_add_epi32(v0, v1));
+                __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(v0, v1), 0xD8);
+                __m128i b8 = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+                _mm_storeu_si128((__m128i *)(q + k), b8);
+            }
+        } else {
+            memset(q, 0, (size_t)a->kpad);
+        }
+        a->sx[m] = amax / 127.0f;
+        a->qsum[m] = hsum8i(vsum);
+    }
+}
+
+/* R rows x one 16-output block, whole K; R is a compile-time constant at each call site. */
+static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const int R, int m0, int nb) {
+    const int kt = a->kpad / 16;
+    const uint8_t *w = a->w + (size_t)nb * a->kpad * 4;
+    const int8_t *q = a->q + (size_t)m0 * a->kpad;
+    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i acc[RMAX][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+
+    for (int kc = 0; kc < kt; kc++) {
+        const __m256i p0 = _mm256_loadu_si256((const __m256i *)(w + (size_t)kc * 64));
+        const __m256i p1 = _mm256_loadu_si256((const __m256i *)(w + (size_t)kc * 64 + 32));
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            const __m256i w0 = _mm256_and_si256(_mm256_srli_epi16(p0, 2 * s), three);
+            const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(p1, 2 * s), three);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const __m256i xb = _mm256_set1_epi32(*(const int32_t *)(q + (size_t)r * a->kpad + kc * 16 + 4 * s));
+                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xb), ones));
+                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xb), ones));
+            }
+        }
+    }
+
+    const int n = nb * 16;
+    const int left = a->N - n;
+    float sc[16] = {0}, bi[16] = {0}, out[16];
+    memcpy(sc, a->scale + n, (size_t)(left < 16 ? left : 16) * sizeof(float));
+    if (a->bias) memcpy(bi, a->bias + n, (size_t)(left < 16 ? left : 16) * sizeof(float));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        const int m = m0 + r;
+        const __m256i qs = _mm256_set1_epi32(a->qsum[m]);
+        const __m256 sx = _mm256_set1_ps(a->sx[m]);
+        float *y = a->y + (size_t)m * a->N + n;
+        for (int h = 0; h < 2; h++) {
+            __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][h], qs));
+            v = _mm256_fmadd_ps(v, _mm256_mul_ps(sx, _mm256_loadu_ps(sc + 8 * h)), _mm256_loadu_ps(bi + 8 * h));
+            if (left >= 16) _mm256_storeu_ps(y + 8 * h, v);
+            else _mm256_storeu_ps(out + 8 * h, v);
+        }
+        if (left < 16) memcpy(y, out, (size_t)left * sizeof(float));
+    }
+}
+
+static void tile_any(const tq2k_args *a, int R, int m0, int nb) {
+    switch (R) {
+        case 1: tile(a, 1, m0, nb); break;
+        case 2: tile(a, 2, m0, nb); break;
+        case 3: tile(a, 3, m0, nb); break;
+        default: tile(a, 4, m0, nb); break;
+    }
+}
+
+void tq2k_gemm_avx2(const tq2k_args *a) {
+    const int nb = (a->N + 15) / 16;
+    const int rblocks = (a->rows + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel num_threads(a->threads) if (a->threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int m = 0; m < a->rows; m++) tq2k_quantize_avx2(a, m, m + 1);
+#pragma omp for collapse(2) schedule(static)
+        for (int rb = 0; rb < rblocks; rb++) {
+            for (int b = 0; b < nb; b++) {
+                const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;
+                for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) {
+                    const int R = mend - m0 < RMAX ? mend - m0 : RMAX;
+                    tile_any(a, R, m0, b);
+                }
+            }
+        }
+    }
+}
+
+#pragma GCC pop_options
+
+#else
+void tq2k_quantize_avx2(const tq2k_args *a, int r0, int r1) { tq2k_quantize_ref(a, r0, r1); }
+void tq2k_gemm_avx2(const tq2k_args *a) { tq2k_gemm_ref(a); }
+#endif

@@ -1,0 +1,137 @@
+/* AVX-512 VNNI path. Compiled for any x86-64 target: the instructions are enabled per function by the
+ * pragma below and only run after a CPUID check (tq2k_module.c). */
+#include "tq2k.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
+
+#define RMAX 4 /* rows per micro-tile */
+#define JMAX 4 /* 16-row output blocks per micro-tile: 4x4 int32 accumulators = 16 zmm */
+#define ROW_BLOCK 64 /* rows per parallel work item: its int8 activations stay in L1/L2 */
+
+void tq2k_quantize_avx512(const tq2k_args *a, int r0, int r1) {
+    for (int m = r0; m < r1; m++) {
+        const float *x = a->x + (size_t)m * a->K;
+        int8_t *q = a->q + (size_t)m * a->kpad;
+        __m512 vmax = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 16 <= a->K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+        if (k < a->K) {
+            __mmask16 mk = (__mmask16)((1u << (a->K - k)) - 1);
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, x + k)));
+        }
+        const float amax = _mm512_reduce_max_ps(vmax);
+        __m512i vsum = _mm512_setzero_si512();
+        if (amax > 0.0f) {
+            const __m512 inv = _mm512_set1_ps(127.0f / amax);
+            for (k = 0; k < a->kpad; k += 16) {
+                int left = a->K - k;
+                __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (left > 0 ? (__mmask16)((1u << left) - 1) : 0);
+                __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), inv));
+                v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                vsum = _mm512_add_epi32(vsum, v);
+                _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(v));
+            }
+        } else {
+            for (k = 0; k < a->kpad; k += 16) _mm_storeu_si128((__m128i *)(q + k), _mm_setzero_si128());
+        }
+        a->sx[m] = amax / 127.0f;
+        a->qsum[m] = _mm512_reduce_add_epi32(vsum);
+    }
+}
+
+/* One micro-tile: R rows x J output blocks (16 outputs each), whole K. R and J are compile-time
+ * constants at every call site, so the loops unroll and the accumulators live in registers. */
+static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const int R, const int J, int m0, int nb0) {
+    const int kt = a->kpad / 16;
+    const size_t ldw = (size_t)a->kpad * 4; /* bytes per output block */
+    const uint8_t *w = a->w + (size_t)nb0 * ldw;
+    const int8_t *q = a->q + (size_t)m0 * a->kpad;
+    const __m512i three = _mm512_set1_epi8(3);
+    __m512i acc[RMAX][JMAX];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_si512();
+
+    for (int kc = 0; kc < kt; kc++) {
+        __m512i p[JMAX];
+#pragma GCC unroll 4
+        for (int j = 0; j < J; j++) p[j] = _mm512_loadu_si512((const void *)(w + j * ldw + (size_t)kc * 64));
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            __m512i wv[JMAX];
+            /* bit pair s of each byte -> u8 in {0,1,2} = code + 1: 16 outputs x 4 inputs k..k+3 */
+#pragma GCC unroll 4
+            for (int j = 0; j < J; j++) wv[j] = _mm512_and_si512(_mm512_srli_epi16(p[j], 2 * s), three);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                __m512i xb = _mm512_set1_epi32(*(const int32_t *)(q + (size_t)r * a->kpad + kc * 16 + 4 * s));
+#pragma GCC unroll 4
+                for (int j = 0; j < J; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], wv[j], xb);
+            }
+        }
+    }
+
+#pragma GCC unroll 4
+    for (int j = 0; j < J; j++) {
+        const int n = (nb0 + j) * 16;
+        const int left = a->N - n;
+        const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __m512 sc = _mm512_maskz_loadu_ps(mk, a->scale + n);
+        const __m512 bi = a->bias ? _mm512_maskz_loadu_ps(mk, a->bias + n) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const int m = m0 + r;
+            __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], _mm512_set1_epi32(a->qsum[m])));
+            v = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(a->sx[m]), sc), bi);
+            _mm512_mask_storeu_ps(a->y + (size_t)m * a->N + n, mk, v);
+        }
+    }
+}
+
+#define TILE_CASE(R, J) \
+    case (R) * 8 + (J): tile(a, R, J, m0, nb0); break;
+
+static void tile_any(const tq2k_args *a, int R, int J, int m0, int nb0) {
+    switch (R * 8 + J) {
+        TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(1, 3) TILE_CASE(1, 4)
+        TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4)
+        TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(3, 3) TILE_CASE(3, 4)
+        TILE_CASE(4, 1) TILE_CASE(4, 2) TILE_CASE(4, 3) TILE_CASE(4, 4)
+    }
+}
+
+void tq2k_gemm_avx512vnni(const tq2k_args *a) {
+    const int nb = (a->N + 15) / 16;
+    const int ngroups = (nb + JMAX - 1) / JMAX;
+    const int rblocks = (a->rows + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel num_threads(a->threads) if (a->threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int m = 0; m < a->rows; m++) tq2k_quantize_avx512(a, m, m + 1);
+        /* implicit barrier: every row is quantized before any tile reads it */
+#pragma omp for collapse(2) schedule(static)
+        for (int rb = 0; rb < rblocks; rb++) {
+            for (int g = 0; g < ngroups; g++) {
+                const int nb0 = g * JMAX;
+                const int J = nb - nb0 < JMAX ? nb - nb0 : JMAX;
+                const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;
+                for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) {
+                    const int R = mend - m0 < RMAX ? mend - m0 : RMAX;
+                    tile_any(a, R, J, m0, nb0);
+                }
+            }
+        }
+    }
+}
+
+#pragma GCC pop_options
+
+#else /* not x86-64: never selected (tq2k_module.c reports the path unavailable) */
+void tq2k_quantize_avx512(const tq2k_args *a, int r0, int r1) { tq2k_quantize_ref(a, r0, r1); }
+void tq2k_gemm_avx512vnni(const tq2k_args *a) { tq2k_gemm_ref(a); }
+#endif

@@ -1,0 +1,50 @@
+/* Plain C reference path: reads the packed layout one weight at a time. The ground truth that the
+ * SIMD paths are tested against; also the fallback on CPUs without AVX2. */
+#include <math.h>
+
+#include "tq2k.h"
+
+void tq2k_quantize_ref(const tq2k_args *a, int r0, int r1) {
+    for (int m = r0; m < r1; m++) {
+        const float *x = a->x + (size_t)m * a->K;
+        int8_t *q = a->q + (size_t)m * a->kpad;
+        float amax = 0.0f;
+        for (int k = 0; k < a->K; k++) amax = fmaxf(amax, fabsf(x[k]));
+        int32_t sum = 0;
+        if (amax > 0.0f) {
+            const float inv = 127.0f / amax;
+            for (int k = 0; k < a->K; k++) {
+                /* nearbyintf rounds half to even, like cvtps2dq in the SIMD paths */
+                int v = (int)nearbyintf(x[k] * inv);
+                v = v > 127 ? 127 : (v < -127 ? -127 : v);
+                q[k] = (int8_t)v;
+                sum += v;
+            }
+        } else {
+            for (int k = 0; k < a->K; k++) q[k] = 0;
+        }
+        for (int k = a->K; k < a->kpad; k++) q[k] = 0;
+        a->sx[m] = amax / 127.0f;
+        a->qsum[m] = sum;
+    }
+}
+
+static inline int weight_plus_one(const uint8_t *w, int kpad, int n, int k) {
+    size_t tile = (size_t)(n / 16) * (kpad / 16) + k / 16;
+    uint8_t byte = w[tile * 64 + (n % 16) * 4 + k % 4];
+    return (byte >> (2 * ((k % 16) / 4))) & 3;
+}
+
+void tq2k_gemm_ref(const tq2k_args *a) {
+    tq2k_quantize_ref(a, 0, a->rows);
+#pragma omp parallel for schedule(static) num_threads(a->threads) if (a->threads > 1)
+    for (int n = 0; n < a->N; n++) {
+        for (int m = 0; m < a->rows; m++) {
+            const int8_t *q = a->q + (size_t)m * a->kpad;
+            int32_t acc = 0;
+            for (int k = 0; k < a->kpad; k++) acc += weight_plus_one(a->w, a->kpad, n, k) * q[k];
+            float v = (float)(acc - a->qsum[m]) * (a->sx[m] * a->scale[n]);
+            a->y[(size_t)m * a->N + n] = a->bias ? v + a->bias[n] : v;
+        }
+    }
+}
