@@ -22,26 +22,27 @@ from ui.client import ServiceError  # noqa: E402
 from ui.common import client, service_url  # noqa: E402
 
 
-def sidebar() -> None:
-    with st.sidebar:
-        st.markdown("### ternrec")
-        st.caption("Real-time book recommendations from a ternary-weight embedding model "
-                   "on a packed 2-bit CPU kernel.")
-        st.markdown(f"Service: `{service_url()}`")
+def header() -> None:
+    title, status = st.columns([2, 3], vertical_alignment="bottom")
+    title.markdown("## ternrec")
+    title.caption("Real-time book recommendations from a ternary-weight embedding model on a packed 2-bit "
+                  "CPU kernel.")
+    with status:
         try:
             health = client().health()
         except ServiceError as exc:
             st.error(exc.message)
             return
-        status = health.get("status", "?")
-        (st.success if status == "ok" else st.warning)(
-            f"{status} · {health.get('index_size', 0):,} books searchable")
-        st.markdown(f"[API docs]({service_url()}/docs) · [metrics]({service_url()}/metrics)")
+        ok = health.get("status") == "ok"
+        st.markdown(f":{'green' if ok else 'orange'}-badge[{health.get('status', '?')}] "
+                    f"**{health.get('index_size', 0):,}** books searchable · service `{service_url()}` · "
+                    f"[API docs]({service_url()}/docs) · [metrics]({service_url()}/metrics)")
 
 
 def main() -> None:
-    st.set_page_config(page_title="ternrec", page_icon=":material/menu_book:", layout="wide")
-    sidebar()
+    st.set_page_config(page_title="ternrec", page_icon=":material/menu_book:", layout="wide",
+                       initial_sidebar_state="collapsed")
+    header()
     tabs = st.tabs(["Recommend", "Live", "Model", "Add a book"])
     with tabs[0]:
         recommend.render()

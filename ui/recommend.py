@@ -56,23 +56,27 @@ def _show_similar(item_id: str, from_fragment: bool = False) -> None:
 
 
 def _result_card(rank: int, item: dict, user_id: str | None) -> None:
-    with st.container(border=True, key=f"{'rec' if user_id else 'sim'}-{rank}"):
-        left, right = st.columns([5, 2], vertical_alignment="center")
-        with left:
-            st.markdown(f"**{rank + 1}. {item['title']}**  \n{book_line(item)}")
-            details = [tags_line(item)]
+    kind = "rec" if user_id is not None else "sim"
+    with st.container(border=True, key=f"{kind}-{rank}"):
+        text, actions = st.columns([5, 3] if user_id is not None else [5, 2], vertical_alignment="center")
+        with text:
+            details = [book_line(item), tags_line(item)]
             because = item.get("because")
             if because and because.get("title"):
                 details.append(f"because you read *{because['title']}*")
-            st.caption("  \n".join(d for d in details if d) or " ")
-        with right:
-            st.markdown(f"score **{item['score']:.3f}**")
+            st.markdown(f"**{rank + 1}. {item['title']}** · score {item['score']:.3f}  \n"
+                        + "  \n".join(f":small[{d}]" for d in details if d))
+        with actions:
             if user_id is not None:
-                st.button("Want to read", key=f"want-{rank}", icon=":material/bookmark_add:",
-                          on_click=_want_to_read, args=(user_id, item["item_id"], item["title"]),
-                          help="sends an interaction event (POST /events); the book leaves the list")
-            st.button("Similar", key=f"similar-{'rec' if user_id else 'sim'}-{rank}",
-                      icon=":material/hub:", on_click=_show_similar, args=(item["item_id"], user_id is not None))
+                want, similar = st.columns(2)
+                want.button("Read", key=f"want-{rank}", icon=":material/bookmark_add:", width="stretch",
+                            on_click=_want_to_read, args=(user_id, item["item_id"], item["title"]),
+                            help="want to read: sends an interaction event (POST /events); the book leaves the list")
+            else:
+                similar = st.container()
+            similar.button("Similar", key=f"similar-{kind}-{rank}", icon=":material/hub:", width="stretch",
+                           on_click=_show_similar, args=(item["item_id"], user_id is not None),
+                           help="books similar to this one")
 
 
 def _user_recommendations(user_id: str) -> bool:
@@ -93,15 +97,28 @@ def _user_recommendations(user_id: str) -> bool:
         st.caption(f"Profile of user **{user_id}**: {answer.get('seen_count', 0)} books read. "
                    "Each pick says which of their books it is closest to.")
     total = answer.get("latency_ms", {}).get("total")
-    with st.container(key="rec-latency"):
-        st.metric("Answer latency (server)", fmt_ms(total))
-        st.markdown(latency_line(answer.get("latency_ms", {}), round_trip))
+    with st.container(key="latency-rec"):
+        figure, stages = st.columns([1, 3], vertical_alignment="center")
+        figure.metric("Latency (server)", fmt_ms(total))
+        stages.markdown(latency_line(answer.get("latency_ms", {}), round_trip))
     if not items:
         st.warning("No books to recommend yet: the catalog is still being indexed. This list refreshes by itself.")
         return True
     for rank, item in enumerate(items):
         _result_card(rank, item, user_id)
-    return len(items) < K
+    if "similar_book" not in st.session_state:  # open the side panel on the top pick's neighbours
+        st.session_state.similar_book = items[0]["item_id"]
+    if len(items) < K:
+        return True
+    if answer.get("cold_start"):  # keep looking while the catalog is still arriving (the profile may follow)
+        try:
+            size = client().health().get("index_size")
+        except ServiceError:
+            return True
+        growing = size != st.session_state.get("rec_index_size")
+        st.session_state.rec_index_size = size
+        return growing
+    return False
 
 
 def _similar_books() -> None:
@@ -133,8 +150,8 @@ def _similar_books() -> None:
 
 
 def render() -> None:
-    user_id = st.text_input("User id", value=DEFAULT_USER, key="user_id",
-                            help="any id; an unknown user gets the cold-start list").strip()
+    user_id = st.columns([1, 3])[0].text_input("User id", value=DEFAULT_USER, key="user_id",
+                                               help="any id; an unknown user gets the cold-start list").strip()
     picks, similar = st.columns([3, 2], gap="large")
     waiting = st.session_state.get("rec_waiting", True)
 
