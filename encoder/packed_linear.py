@@ -1,0 +1,72 @@
+"""`PackedTernaryLinear`: an inference-only drop-in for `nn.Linear` whose weights stay 2-bit packed.
+
+`y = (x @ codes.T) * scale + bias` with codes in {-1, 0, 1} stored in `encoder.packing`'s layout and run by
+the native kernel (`encoder.kernel`). No float copy of the weight is ever kept: the module holds the packed
+bytes (N_pad * K_pad / 4), one float32 scale per output row and the optional float32 bias.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from encoder import kernel
+from encoder.packing import pack_ternary, packed_nbytes
+
+
+class PackedTernaryLinear(nn.Module):
+    def __init__(self, packed: np.ndarray, in_features: int, out_features: int, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, path: str | None = None):
+        super().__init__()
+        packed = np.ascontiguousarray(np.asarray(packed).reshape(-1))
+        if packed.dtype != np.uint8:
+            raise TypeError(f"packed must be uint8, got {packed.dtype}")
+        if packed.size != packed_nbytes(out_features, in_features):
+            raise ValueError(f"packed has {packed.size} bytes, expected {packed_nbytes(out_features, in_features)} "
+                             f"for ({out_features}, {in_features})")
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).contiguous()
+        if scale.numel() != out_features:
+            raise ValueError(f"scale must have {out_features} values (one per output row), got {scale.numel()}")
+        if bias is not None:
+            bias = torch.as_tensor(bias, dtype=torch.float32).reshape(-1).contiguous()
+            if bias.numel() != out_features:
+                raise ValueError(f"bias must have {out_features} values, got {bias.numel()}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        # Buffers (not parameters): shared with the caller's array when possible, never dequantized.
+        self.register_buffer("packed", torch.from_numpy(packed))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self._path = kernel.path_id(path)  # resolved once: CPUID / TERNREC_KERNEL_PATH
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                   path: str | None = None) -> PackedTernaryLinear:
+        """codes int8 (out_features, in_features) in {-1, 0, 1}; weight = scale[:, None] * codes."""
+        codes_np = torch.as_tensor(codes).detach().cpu().numpy()
+        out_features, in_features = codes_np.shape
+        return cls(pack_ternary(codes_np.astype(np.int8, copy=False)), in_features, out_features, scale, bias,
+                   path=path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            raise ValueError("PackedTernaryLinear runs on CPU only")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+        bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
+        kernel.gemm_raw(x2.data_ptr(), x2.shape[0], self.in_features, self.packed.data_ptr(), self.out_features,
+                        self.scale.data_ptr(), bias_ptr, y.data_ptr(), self._path, kernel.get_num_threads())
+        return y.reshape(*lead, self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this layer (packed weights + scale + bias)."""
+        return sum(t.nbytes for t in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"path={kernel.PATHS[self._path]}, packed_bytes={self.packed.nbytes}")
