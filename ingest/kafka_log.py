@@ -183,7 +183,6 @@ class KafkaLogConsumer:
     def __init__(self, owner: KafkaLog, topics: list[str], group: str, from_beginning: bool) -> None:
         self.group = group
         self._consumer = KafkaConsumer(
-            *topics,
             bootstrap_servers=owner.bootstrap,
             client_id=f"{owner.client_id}-consumer",
             group_id=group,
@@ -194,6 +193,13 @@ class KafkaLogConsumer:
             fetch_max_wait_ms=100,
             allow_auto_create_topics=False,
         )
+        # Metadata first, then subscribe: a member that joins before it knows the topic's
+        # partitions gets an empty assignment and waits for the next metadata refresh.
+        for topic in topics:
+            if not self._consumer.partitions_for_topic(topic):
+                self._consumer.close(autocommit=False)
+                raise KeyError(f"topic {topic!r} does not exist (ensure_topics creates it)")
+        self._consumer.subscribe(list(topics))
         self._polled: dict[TopicPartition, int] = {}  # next offset after what poll returned
         self._committed: dict[TopicPartition, int] = {}
         self._closed = False

@@ -494,7 +494,8 @@ class LocalKafka(_Service):
             return
         self.cluster_id = _cluster_id()
         cmd = [
-            "java", "-Xmx128m", "-cp", f"{libs}/*", *self._jvm_props(),
+            # C1 only: a short-lived tool gains nothing from C2 and starts ~2x faster without it.
+            "java", "-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp", f"{libs}/*", *self._jvm_props(),
             "kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(props),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.data_dir, timeout=120)

@@ -112,26 +112,53 @@ def test_kafka_jars_cache_reused_and_incomplete_download_redone(tmp_path):
     assert stamp.stat().st_mtime_ns != mtime
 
 
-def test_kafka_start_restart_stop_in_a_data_dir(tmp_path):
+@pytest.mark.slow
+def test_up_cli_then_restart_in_the_same_data_dirs(tmp_path):
+    """`up` prints addresses and stops everything on SIGTERM; a LocalKafka started again on
+    the same data dir and port finds the storage formatted and the records still there."""
     from ingest.kafka_log import KafkaLog
 
-    broker = LocalKafka(data_dir=tmp_path / "k")
+    kafka_dir, redis_dir = tmp_path / "kafka", tmp_path / "redis"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest.services", "up", "--redis-password", "secret",
+         "--kafka-dir", str(kafka_dir), "--redis-dir", str(redis_dir)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
     try:
-        broker.start()
-        pid, port = broker.pid, broker.port
-        assert (tmp_path / "k" / "data" / "meta.properties").exists()  # formatted on first start
-        with KafkaLog(broker.bootstrap) as log:
+        lines: list[str] = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        out = "".join(lines)
+        assert "Ctrl-C to stop" in out, out
+        assert "secret" not in out and "started in" in out  # the password is redacted
+        pids = [int(ln.split(" pid ")[1].split()[0]) for ln in lines if " pid " in ln]
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+        bootstrap = next(ln.split("=", 1)[1].strip() for ln in lines if "KAFKA_BOOTSTRAP=" in ln)
+        with KafkaLog(bootstrap) as log:
             log.ensure_topics({"kept": 2}, set())
             p = log.producer()
             for i in range(10):
                 p.send("kept", b"%d" % i, key=str(i))
             p.flush()
-        broker.restart()  # same port and data dir; storage is not formatted again
-        assert broker.port == port and not pid_alive(pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert all(wait_gone(p) for p in pids), "a service outlived `up`"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (kafka_dir / "data" / "meta.properties").exists() and (redis_dir / "redis.conf").exists()
+
+    port = int(bootstrap.rsplit(":", 1)[1])
+    broker = LocalKafka(data_dir=kafka_dir, port=port)
+    try:
+        broker.start()  # storage already formatted: kept, not formatted again
         with KafkaLog(broker.bootstrap) as log:
             c = log.consumer(["kept"], "g")
             got: list = []
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 30
             while len(got) < 10 and time.monotonic() < deadline:
                 got += c.poll(timeout_ms=200)
         assert sorted(int(r.value) for r in got) == list(range(10))
@@ -139,29 +166,4 @@ def test_kafka_start_restart_stop_in_a_data_dir(tmp_path):
     finally:
         broker.stop()
     assert wait_gone(pid, 0.1) and not port_open(port)
-    assert (tmp_path / "k").exists()  # a caller's data dir is kept
-
-
-def test_up_cli_prints_addresses_and_stops_everything_on_sigterm():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ingest.services", "up", "--redis-password", "secret"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    lines: list[str] = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C" in line or proc.poll() is not None:
-                break
-        out = "".join(lines)
-        assert "Ctrl-C to stop" in out, out
-        pids = [int(ln.split(" pid ")[1].split()[0]) for ln in lines if " pid " in ln]
-        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
-        assert "secret" not in out and "started in" in out
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        assert all(wait_gone(p) for p in pids), "a service outlived `up`"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    assert kafka_dir.exists()  # a caller's data dir is kept
