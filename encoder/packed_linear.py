@@ -14,6 +14,8 @@ from torch import nn
 from encoder import kernel
 from encoder.packing import pack_ternary, packed_nbytes
 
+_gemm = kernel.gemm_raw if kernel._tq2k is None else kernel._tq2k.gemm  # direct C call: no wrapper frame
+
 
 class PackedTernaryLinear(nn.Module):
     def __init__(self, packed: np.ndarray, in_features: int, out_features: int, scale: torch.Tensor,
@@ -50,17 +52,21 @@ class PackedTernaryLinear(nn.Module):
                    path=path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        if x.device.type != "cpu":
-            raise ValueError("PackedTernaryLinear runs on CPU only")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
-        bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
-        kernel.gemm_raw(x2.data_ptr(), x2.shape[0], self.in_features, self.packed.data_ptr(), self.out_features,
-                        self.scale.data_ptr(), bias_ptr, y.data_ptr(), self._path, kernel.get_num_threads())
-        return y.reshape(*lead, self.out_features)
+        # Lean on purpose: at batch 1 the torch calls around the kernel cost more than the GEMM itself,
+        # so every step is skipped when it would be a no-op.
+        if x.shape[-1] != self.in_features or not x.is_cpu:
+            raise ValueError(f"expected a CPU tensor (..., {self.in_features}), got {tuple(x.shape)} on {x.device}")
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        x2 = x2.contiguous()
+        rows = x2.shape[0]
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        bias = self.bias
+        _gemm(x2.data_ptr(), rows, self.in_features, self.packed.data_ptr(), self.out_features,
+              self.scale.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), self._path,
+              kernel.get_num_threads())
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     @property
     def nbytes(self) -> int:
