@@ -1,0 +1,216 @@
+"""Kernel GOP/s for the MiniLM linear shapes: packed ternary (tq2k) vs torch float32 and torch int8 dynamic.
+
+    python -m bench.kernel [--reps 25] [--threads 2] [--out reports/kernel.json] [--no-markdown]
+
+Shapes are (in_features, out_features): 384x384 (attention), 384x1536 (FFN up), 1536x384 (FFN down), at
+1, 32 and 512 rows. Every candidate is a module called the way the encoder calls it (forward under
+torch.inference_mode, 2 threads): `PackedTernaryLinear` per kernel path, `nn.Linear` (float32 GEMM) and
+`quantize_dynamic`'s int8 Linear. GOP/s = 2 * rows * in * out / time. The machine is shared, so candidates
+are interleaved round-robin in each repetition and we report the median over repetitions, plus the median
+of the per-repetition ratio against torch float32 (a same-run ratio, robust to load changing over time).
+Writes reports/kernel.json and the "Kernel" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoder import kernel
+from encoder.packed_linear import PackedTernaryLinear
+
+SHAPES = [(384, 384), (384, 1536), (1536, 384)]
+ROWS = [1, 32, 512]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _candidates(in_f: int, out_f: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(out_f, in_f, generator=g) * 0.05)
+    codes = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
+    scale = torch.full((out_f,), 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notices for quantized tensors
+        int8 = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(dense), {torch.nn.Linear},
+                                                      dtype=torch.qint8)
+    cands = {"torch_fp32": dense.eval(), "torch_int8_dynamic": int8.eval()}
+    for path in kernel.available_paths():
+        if path != "reference":  # the plain C path is a correctness reference, not a contender
+            cands[f"tq2k_{path}"] = PackedTernaryLinear.from_codes(codes, scale, dense.bias.detach(), path=path)
+    return cands
+
+
+def _time_per_call(fn, x, min_seconds: float, clock=time.perf_counter) -> float:
+    """Seconds per call, from a loop long enough (>= min_seconds) to dwarf timer overhead."""
+    n, t = 1, 0.0
+    while True:
+        t0 = clock()
+        for _ in range(n):
+            fn(x)
+        t = clock() - t0
+        if t >= min_seconds:
+            return t / n
+        n = max(n * 2, int(n * min_seconds / max(t, 1e-6)) + 1)
+
+
+def _summary(times: dict[str, list[float]], ops: float) -> dict:
+    base = np.array(times["torch_fp32"])
+    out = {}
+    for name, ts in times.items():
+        ts = np.array(ts)
+        out[name] = {
+            "gops_median": round(ops / np.median(ts) / 1e9, 2),
+            "gops_best": round(ops / ts.min() / 1e9, 2),
+            "us_median": round(float(np.median(ts)) * 1e6, 2),
+            "speedup_vs_torch_fp32_median": round(float(np.median(base / ts)), 2),
+        }
+    return out
+
+
+def measure(reps: int, min_seconds: float, threads: int, seed: int = 0) -> list[dict]:
+    results = []
+    for in_f, out_f in SHAPES:
+        cands = _candidates(in_f, out_f, seed)
+        for rows in ROWS:
+            x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(seed + rows))
+            ops = 2.0 * rows * in_f * out_f
+            times: dict[str, list[float]] = {name: [] for name in cands}
+            cpu_times: dict[str, list[float]] = {name: [] for name in cands}
+            with torch.inference_mode():
+                for m in cands.values():  # warm-up: first-call allocations, OpenMP pool start
+                    m(x)
+                for _ in range(reps):
+                    for name, m in cands.items():
+                        times[name].append(_time_per_call(m, x, min_seconds))
+                # One thread, timed by the thread's own CPU clock: immune to time slices lost to other jobs
+                # on this shared machine, so it shows per-core efficiency even when wall times are noisy.
+                torch.set_num_threads(1)
+                kernel.set_num_threads(1)
+                for _ in range(max(3, reps // 3)):
+                    for name, m in cands.items():
+                        cpu_times[name].append(_time_per_call(m, x, min_seconds, clock=time.thread_time))
+                torch.set_num_threads(threads)
+                kernel.set_num_threads(threads)
+            row = {"in_features": in_f, "out_features": out_f, "rows": rows,
+                   "candidates": _summary(times, ops), "one_thread_cpu_time": _summary(cpu_times, ops)}
+            results.append(row)
+            wall = "  ".join(f"{k}={v['gops_median']}" for k, v in row["candidates"].items())
+            cpu = "  ".join(f"{k}={v['gops_median']}" for k, v in row["one_thread_cpu_time"].items())
+            print(f"{in_f}x{out_f} rows={rows}: GOP/s {threads} threads wall: {wall}\n"
+                  f"    1 thread CPU time: {cpu}", flush=True)
+    return results
+
+
+def _table(report: dict, key: str) -> list[str]:
+    names = list(report["results"][0][key])
+    tq = [n for n in names if n.startswith("tq2k_")]
+    lines = ["| shape in×out | rows | " + " | ".join(names) + " | best tq2k ×fp32 | best tq2k ×int8 |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+    for r in report["results"]:
+        c = r[key]
+        best = max(tq, key=lambda n: c[n]["gops_median"])
+        vs_int8 = c[best]["gops_median"] / c["torch_int8_dynamic"]["gops_median"]
+        cells = " | ".join(f"{c[n]['gops_median']:.1f}" for n in names)
+        lines.append(f"| {r['in_features']}×{r['out_features']} | {r['rows']} | {cells} | "
+                     f"{c[best]['speedup_vs_torch_fp32_median']:.2f} | {vs_int8:.2f} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "## Kernel",
+        "",
+        "Packed ternary GEMM (`encoder/kernel`, tq2k layout, int8 per-row activations) vs torch float32 "
+        "(`nn.Linear`) and torch int8 dynamic (`quantize_dynamic`), GOP/s = 2·rows·in·out / time; shapes are "
+        f"in×out; {report['cpu']}, kernel paths {report['kernel_paths']}. Every candidate is the module the "
+        "encoder calls, so per-call Python overhead is included (it dominates at 1 row).",
+        "",
+        "Command: `.venv/bin/python -m bench.kernel` → `reports/kernel.json`.",
+        "",
+        f"**{report['threads']} threads, wall clock**: median of {report['reps']} interleaved repetitions; ×fp32 is "
+        "the median of same-repetition ratios. The machine was shared: load average "
+        f"{report['loadavg_start'][0]:.1f} at start, {report['loadavg_end'][0]:.1f} at the end, on 2 cores, so "
+        "absolute figures here are depressed and noisy.",
+        "",
+        *_table(report, "candidates"),
+        "",
+        "**1 thread, CPU time of the calling thread** (`time.thread_time`, not affected by time slices lost to "
+        "other jobs): per-core efficiency.",
+        "",
+        *_table(report, "one_thread_cpu_time"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_benchmarks_md(section: str, path: Path) -> None:
+    """Replace (or append) the '## Kernel' section, leaving every other section as it is."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == "## Kernel"), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--min-seconds", type=float, default=0.02, help="timed loop length per sample")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "kernel.json")
+    ap.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--no-markdown", action="store_true")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    kernel.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    t0 = time.time()
+    results = measure(args.reps, args.min_seconds, args.threads)
+    report = {
+        "command": "python -m bench.kernel",
+        "cpu": _cpu_model(),
+        "kernel_paths": kernel.available_paths(),
+        "threads": args.threads,
+        "reps": args.reps,
+        "torch": torch.__version__,
+        "activations": "int8 per row, quantized on the fly",
+        "loadavg_start": [round(v, 2) for v in load_start],
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+        "seconds": round(time.time() - t0, 1),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if not args.no_markdown:
+        update_benchmarks_md(markdown(report), args.markdown)
+        print(f"updated {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
