@@ -182,6 +182,7 @@ def test_model_page_reads_whatever_reports_exist(tmp_path):
         "retained": 0.97,
         "models": {"full_precision": {"ndcg@10": 0.41, "size_mb": 87.0},
                    "ternary": {"ndcg@10": 0.40, "size_mb": 9.5}},
+        "batches": [{"batch": 1, "latency_ms": {"p50": 2.0, "p99": 3.1}}, {"batch": 32, "latency_ms": {"p50": 9.0}}],
     }
     (tmp_path / "quality.json").write_text(json.dumps(report))
     (tmp_path / "speed.json").write_text("{not json")
@@ -195,8 +196,11 @@ def test_model_page_reads_whatever_reports_exist(tmp_path):
     assert not at.exception
     assert any(c.value == report["command"] for c in at.code)
     assert {m.label: m.value for m in at.metric}["retained"] == "0.97"
-    frame = next(d.value for d in at.dataframe)
-    assert set(frame.index) == {"full_precision", "ternary"} and frame.loc["ternary", "size_mb"] == 9.5
+    frames = [d.value for d in at.dataframe]
+    variants = next(f for f in frames if "size_mb" in f.columns)
+    assert set(variants.index) == {"full_precision", "ternary"} and variants.loc["ternary", "size_mb"] == 9.5
+    batches = next(f for f in frames if "batch" in f.columns)
+    assert list(batches["latency_ms.p50"]) == [2.0, 9.0]  # nested figures flattened into columns
     assert any("speed.json is unreadable" in w.value for w in at.warning)
     assert any("reports/kernel.json" in i.value for i in at.info)  # missing files are listed, not errors
 

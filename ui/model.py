@@ -26,10 +26,19 @@ KNOWN_REPORTS = {
 }
 COMMAND_KEYS = ("command", "cmd", "commands", "produced_by", "how")
 MAX_CHARTS = 4
+MAX_FIGURES = 12
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(value: Any) -> str:
+    if not _is_number(value):
+        return str(value)
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
 
 
 def _label(path: tuple[str, ...]) -> str:
@@ -59,6 +68,21 @@ def headline(report: dict) -> dict[str, Any]:
             if k not in COMMAND_KEYS and (_is_number(v) or (isinstance(v, str) and len(v) <= 40))}
 
 
+def _scalar_dict(value: dict) -> bool:
+    return all(_is_number(v) or isinstance(v, str) or v is None for v in value.values())
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """One row: scalars as they are, dicts of scalars as 'key.sub' columns (e.g. 'latency_ms.p99')."""
+    row = {}
+    for key, value in record.items():
+        if _is_number(value) or isinstance(value, str):
+            row[prefix + str(key)] = value
+        elif isinstance(value, dict) and _scalar_dict(value):
+            row.update(_flatten(value, f"{prefix}{key}."))
+    return row
+
+
 def tables(report: Any, path: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
     """Tables found in the report: dicts of sibling records sharing numeric fields, and lists of records."""
     found: list[tuple[str, pd.DataFrame]] = []
@@ -75,13 +99,12 @@ def tables(report: Any, path: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFr
                     isinstance(x, (dict, list)) for x in value.values()):
                 found += tables(value, (*path, str(key)))
     elif isinstance(report, list) and report and all(isinstance(r, dict) for r in report):
-        flat = [{k: v for k, v in r.items() if _is_number(v) or isinstance(v, str)} for r in report]
-        frame = pd.DataFrame(flat)
+        frame = pd.DataFrame([_flatten(r) for r in report])
         if any(pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns):
             found.append((_label(path), frame))
         for n, value in enumerate(report):
             for key, inner in value.items():
-                if isinstance(inner, (dict, list)):
+                if isinstance(inner, list) or (isinstance(inner, dict) and not _scalar_dict(inner)):
                     found += tables(inner, (*path, str(n), str(key)))
     return found
 
@@ -93,9 +116,13 @@ def _charts(frame: pd.DataFrame) -> None:
         return
     labels = frame.index.astype(str)
     text_cols = [c for c in frame.columns if c not in numeric]
-    if isinstance(frame.index, pd.RangeIndex) and text_cols:
-        labels = frame[text_cols[0]].astype(str)
+    if isinstance(frame.index, pd.RangeIndex):  # rows of a list: label them by their first field
+        key = text_cols[0] if text_cols else numeric[0]
+        labels = frame[key].astype(str).map(lambda v, k=key: f"{k}={v}" if not text_cols else v)
+        numeric = [c for c in numeric if c != key]
     charts = numeric[:MAX_CHARTS]
+    if not charts:
+        return
     for column, name in zip(st.columns(len(charts)), charts, strict=True):
         with column:
             st.caption(str(name))
@@ -115,11 +142,10 @@ def render_report(name: str, title: str, report: Any) -> None:
     st.subheader(title)
     st.caption(f"reports/{name}")
     if isinstance(report, dict):
-        figures = headline(report)
-        if figures:
-            for column, (key, value) in zip(st.columns(min(len(figures), 4)), list(figures.items())[:8],
-                                            strict=False):
-                column.metric(key, f"{value:,.4g}" if _is_number(value) else value)
+        figures = list(headline(report).items())[:MAX_FIGURES]
+        for row in range(0, len(figures), 4):
+            for column, (key, value) in zip(st.columns(4), figures[row:row + 4], strict=False):
+                column.metric(key, _fmt(value))
     for where, command in commands(report):
         st.markdown(f"Produced by ({where}):")
         st.code(command, language="bash")

@@ -55,7 +55,7 @@ def _show_similar(item_id: str, from_fragment: bool = False) -> None:
         st.session_state.similar_changed = True
 
 
-def _result_card(rank: int, item: dict, user_id: str | None) -> None:
+def _result_card(rank: int, item: dict, user_id: str | None, popular: bool = False) -> None:
     kind = "rec" if user_id is not None else "sim"
     with st.container(border=True, key=f"{kind}-{rank}"):
         text, actions = st.columns([5, 3] if user_id is not None else [5, 2], vertical_alignment="center")
@@ -64,7 +64,9 @@ def _result_card(rank: int, item: dict, user_id: str | None) -> None:
             because = item.get("because")
             if because and because.get("title"):
                 details.append(f"because you read *{because['title']}*")
-            st.markdown(f"**{rank + 1}. {item['title']}** · score {item['score']:.3f}  \n"
+            # A cold-start list is ranked by popularity (a count), not by similarity.
+            score = f"popularity {item['score']:,.0f}" if popular else f"score {item['score']:.3f}"
+            st.markdown(f"**{rank + 1}. {item['title']}** · {score}  \n"
                         + "  \n".join(f":small[{d}]" for d in details if d))
         with actions:
             if user_id is not None:
@@ -105,7 +107,7 @@ def _user_recommendations(user_id: str) -> bool:
         st.warning("No books to recommend yet: the catalog is still being indexed. This list refreshes by itself.")
         return True
     for rank, item in enumerate(items):
-        _result_card(rank, item, user_id)
+        _result_card(rank, item, user_id, popular=bool(answer.get("cold_start")))
     if "similar_book" not in st.session_state:  # open the side panel on the top pick's neighbours
         st.session_state.similar_book = items[0]["item_id"]
     if len(items) < K:
