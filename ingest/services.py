@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -146,6 +147,42 @@ def _child_setup(parent_pid: int) -> None:
         os._exit(1)
 
 
+_spawn_queue: queue.SimpleQueue | None = None
+_spawn_lock = threading.Lock()
+
+
+def _spawner() -> None:
+    while True:
+        args, kwargs, done = _spawn_queue.get()
+        try:
+            done.result = subprocess.Popen(*args, **kwargs)
+        except BaseException as e:  # handed back to the caller's thread
+            done.error = e
+        done.set()
+
+
+def _spawn(*args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen, from the main thread or from one long-lived daemon thread.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked exits, not the process: a service
+    started from a short-lived thread would be killed with that thread. So forks from other
+    threads go through a thread that lives as long as the process."""
+    global _spawn_queue
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(*args, **kwargs)
+    with _spawn_lock:
+        if _spawn_queue is None:
+            _spawn_queue = queue.SimpleQueue()
+            threading.Thread(target=_spawner, name="ternrec-spawner", daemon=True).start()
+    done = threading.Event()
+    done.result, done.error = None, None
+    _spawn_queue.put((args, kwargs, done))
+    done.wait()
+    if done.error is not None:
+        raise done.error
+    return done.result
+
+
 def pid_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:
@@ -195,6 +232,8 @@ class _Service:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        self.stop_seconds: float | None = None
+        self.timings: dict[str, float] = {}
         self._log_file = None
         self._lock = threading.Lock()
 
@@ -251,9 +290,14 @@ class _Service:
             for attempt in range(3):
                 self._pick_ports(first=attempt == 0)
                 try:
+                    t_prepare = time.perf_counter()
                     self._prepare()
+                    t_launch = time.perf_counter()
                     self._launch()
                     self._wait_ready()
+                    # Where start-up time goes: config/format vs process start until ready.
+                    self.timings = {"prepare_s": t_launch - t_prepare,
+                                    "launch_to_ready_s": time.perf_counter() - t_launch}
                     break
                 except _PortInUse as e:  # lost the free-port race: new ports, try again
                     last_error = e
@@ -269,7 +313,7 @@ class _Service:
 
     def _launch(self) -> None:
         self._log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        self.proc = _spawn(
             self._command(),
             cwd=self.data_dir,
             stdin=subprocess.DEVNULL,
@@ -330,7 +374,11 @@ class _Service:
         """Stops the service (SIGTERM, SIGKILL after `timeout` s). A data dir we created is
         removed unless keep_data; a data dir the caller gave is always kept."""
         with self._lock:
+            t0 = time.perf_counter()
+            was_running = self.running
             self._kill(timeout)
+            if was_running:
+                self.stop_seconds = time.perf_counter() - t0
             _RUNNING.discard(self)
             if self._given_dir is None and self.data_dir is not None and not keep_data:
                 shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -399,6 +447,9 @@ log4j.logger.kafka.log.LogCleaner=WARN
 """
 
 
+DEFAULT_KAFKA_JVM_OPTS = ("-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20")
+
+
 def _read_properties(path: Path) -> dict[str, str]:
     pairs = (ln.split("=", 1) for ln in path.read_text().splitlines() if "=" in ln and not ln.startswith("#"))
     return {k.strip(): v.strip() for k, v in pairs}
@@ -427,9 +478,11 @@ class LocalKafka(_Service):
         heap: str = "512m",
         startup_timeout: float = 90.0,
         extra_config: dict[str, str | int] | None = None,
+        jvm_opts: list[str] | None = None,
     ) -> None:
         super().__init__(data_dir, startup_timeout)
         self.settings = settings or Settings()
+        self.jvm_opts = list(DEFAULT_KAFKA_JVM_OPTS if jvm_opts is None else jvm_opts)
         self.port = port
         self.controller_port = controller_port
         self._fixed = frozenset(a for a, v in (("port", port), ("controller_port", controller_port)) if v)
@@ -475,6 +528,10 @@ class LocalKafka(_Service):
             "num.network.threads": 2,
             "num.io.threads": 4,
             "num.recovery.threads.per.data.dir": 1,
+            # One voter, nobody to disagree with: elect it at once on a restart (default waits 1 s),
+            # and let the broker heartbeat (register, catch up, unfence) at a faster pace.
+            "controller.quorum.election.timeout.ms": 200,
+            "broker.heartbeat.interval.ms": 500,
             # Compaction visible within seconds in tests (default would wait for a 1 GB segment).
             "log.cleaner.backoff.ms": 1000,
         }
@@ -511,7 +568,7 @@ class LocalKafka(_Service):
 
     def _command(self) -> list[str]:
         return [
-            "java", f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "java", f"-Xmx{self.heap}", "-Xms128m", *self.jvm_opts,
             *self._jvm_props(), "-cp", f"{kafka_libs(self.settings)}/*",
             "kafka.Kafka", str(self.data_dir / "server.properties"),
         ]  # fmt: skip

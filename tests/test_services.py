@@ -167,3 +167,17 @@ def test_up_cli_then_restart_in_the_same_data_dirs(tmp_path):
         broker.stop()
     assert wait_gone(pid, 0.1) and not port_open(port)
     assert kafka_dir.exists()  # a caller's data dir is kept
+
+
+def test_a_service_started_from_a_short_lived_thread_outlives_the_thread(make_redis):
+    """PDEATHSIG is per thread: starting from a worker thread must not tie Redis to it."""
+    import threading
+
+    servers = []
+    t = threading.Thread(target=lambda: servers.append(make_redis()))
+    t.start()
+    t.join()
+    time.sleep(0.5)
+    assert pid_alive(servers[0].pid)
+    with servers[0].client() as r:
+        assert r.ping()
