@@ -4,8 +4,9 @@ weights, on odd shapes; PackedTernaryLinear against nn.Linear with the dequantiz
 Tolerances:
 - SIMD path vs reference: the int8 quantization and the int32 dot products are bit-identical, only the final
   `acc * (sx * scale) + bias` may round differently (FMA): rtol 1e-5 of the output magnitude.
-- any path vs float32 math on the unpacked weights: activations are rounded to int8 per row, each by at most
-  half a step, so |y - y_float| <= 0.5 * absmax(x_row)/127 * |scale[n]| * nnz(W[n]) (plus float slack).
+- any int8 path vs float32 math on the unpacked weights: activations are rounded to int8 per row, each by at
+  most half a step, so |y - y_float| <= 0.5 * absmax(x_row)/127 * |scale[n]| * nnz(W[n]) (plus float slack).
+- the float-activation path vs float64 math: float32 accumulation only, within 1e-4 of sum|x| * |scale[n]|.
 """
 
 import os
@@ -19,6 +20,8 @@ from encoder.packed_linear import PackedTernaryLinear
 from encoder.packing import pack_ternary, packed_nbytes
 
 PATHS = kernel.available_paths()
+INT8_PATHS = [p for p in PATHS if p not in kernel.FLOAT_ACTIVATION_PATHS]
+FLOAT_PATHS = [p for p in PATHS if p in kernel.FLOAT_ACTIVATION_PATHS]
 SHAPES = [  # (rows, in_features, out_features): none of in/out a multiple of 64
     (1, 1, 1), (1, 3, 65), (2, 65, 3), (7, 383, 1000), (33, 1000, 65), (64, 65, 383), (257, 383, 65),
     (5, 1000, 17), (1, 1000, 383), (257, 3, 1),
@@ -46,16 +49,19 @@ def quantization_bound(codes, x, scale):
 
 def test_reference_always_available_and_cpuid_matches_cpuinfo():
     assert PATHS[-1] == "reference"
+    assert tuple(kernel._tq2k.path_names()) == kernel.PATHS
+    if "TERNREC_KERNEL_PATH" not in os.environ:
+        assert kernel.default_path() == INT8_PATHS[0]  # the float-activation path is never the default
     flags = ""
     if os.path.exists("/proc/cpuinfo"):
         flags = open("/proc/cpuinfo").read()
     if " avx512_vnni" in flags and " avx512bw" in flags and " avx512vl" in flags:
-        assert "avx512vnni" in PATHS
+        assert "avx512vnni" in PATHS and "avx512f32" in PATHS
     if " avx2" in flags and " fma" in flags:
         assert "avx2" in PATHS
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", INT8_PATHS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_path_matches_reference_and_float(path, shape):
     codes, x, scale, bias = make_case(*shape, seed=sum(shape))
@@ -68,6 +74,15 @@ def test_path_matches_reference_and_float(path, shape):
     err = np.abs(y - float_reference(codes, x, scale, bias))
     bound = quantization_bound(codes, x, scale)
     assert (err <= bound).all(), f"max excess {(err - bound).max()}"
+
+
+@pytest.mark.parametrize("path", FLOAT_PATHS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float_activation_path_matches_float(path, shape):
+    codes, x, scale, bias = make_case(*shape, seed=sum(shape))
+    y = kernel.ternary_matmul(x, pack_ternary(codes), shape[2], scale, bias, path=path)
+    bound = 1e-4 * np.abs(x).sum(axis=1, keepdims=True) * scale + 1e-5 * np.abs(bias) + 1e-6
+    assert (np.abs(y - float_reference(codes, x, scale, bias)) <= bound).all()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -108,7 +123,7 @@ def test_bad_arguments():
         kernel.ternary_matmul(x.astype(np.float64), packed, 17, scale, bias)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", INT8_PATHS)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_packed_linear_matches_nn_linear(path, with_bias):
     out_f, in_f = 383, 65

@@ -4,10 +4,15 @@ Paths (C sources beside this file, ggml style: one plain reference, SIMD version
   "reference"   plain C, any CPU
   "avx2"        AVX2 + FMA (vpmaddubsw / vpmaddwd)
   "avx512vnni"  AVX-512 F/BW/VL + VNNI (vpdpbusd)
+  "avx512f32"   AVX-512F with float activations: forced-only (never chosen by default), see below
 The best one this CPU supports (CPUID, at run time) is used unless a path is forced with `path=` or
-the TERNREC_KERNEL_PATH environment variable. Activations are quantized on the fly to int8 per row
-(absmax / 127); the integer products are exact, so the only error against float math on the
-unpacked weights is that rounding: |y - y_float| <= 0.5 * absmax(x_row)/127 * scale[n] * nnz(W[n]).
+the TERNREC_KERNEL_PATH environment variable.
+
+Activations: the default paths quantize them on the fly to int8 per row (absmax / 127); the integer
+products are exact, so the only error against float math on the unpacked weights is that rounding:
+|y - y_float| <= 0.5 * absmax(x_row)/127 * scale[n] * nnz(W[n]). Keeping them float ("avx512f32") is
+float-accurate but does 16 multiply-adds per instruction instead of VNNI's 64: measured ~4x slower per
+core on the MiniLM shapes (bench/kernel.py, BENCHMARKS.md), so int8 is the default.
 Threads: `set_num_threads(n)`, default TERNREC_KERNEL_THREADS or 2 (OpenMP); the GIL is released.
 """
 
@@ -27,7 +32,8 @@ except ImportError as exc:  # not built: callers (e.g. the ternary encoder) fall
 else:
     _IMPORT_ERROR = None
 
-PATHS = ("reference", "avx2", "avx512vnni")  # index = the C path id
+PATHS = ("reference", "avx2", "avx512vnni", "avx512f32")  # index = the C path id
+FLOAT_ACTIVATION_PATHS = ("avx512f32",)
 _threads = max(1, int(os.environ.get("TERNREC_KERNEL_THREADS", "2")))
 
 
@@ -47,7 +53,7 @@ def default_path() -> str:
     forced = os.environ.get("TERNREC_KERNEL_PATH")
     if forced:
         return forced
-    return available_paths()[0]
+    return available_paths()[0]  # the int8 path this CPU runs best
 
 
 def path_id(path: str | None) -> int:

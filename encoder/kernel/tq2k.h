@@ -14,7 +14,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum tq2k_path { TQ2K_REF = 0, TQ2K_AVX2 = 1, TQ2K_AVX512VNNI = 2, TQ2K_NPATHS = 3 };
+/* TQ2K_AVX512F32 keeps activations in float (no step 1; y = (sum_k (code+1) x - sum x) * scale + bias): it is
+ * only run when forced, as the measured "float activations" alternative. */
+enum tq2k_path { TQ2K_REF = 0, TQ2K_AVX2 = 1, TQ2K_AVX512VNNI = 2, TQ2K_AVX512F32 = 3, TQ2K_NPATHS = 4 };
 
 typedef struct {
     const float *x;      /* (rows, K) row-major */
@@ -38,5 +40,6 @@ void tq2k_quantize_avx512(const tq2k_args *a, int r0, int r1);
 void tq2k_gemm_ref(const tq2k_args *a);
 void tq2k_gemm_avx2(const tq2k_args *a);
 void tq2k_gemm_avx512vnni(const tq2k_args *a);
+void tq2k_gemm_avx512f32(const tq2k_args *a);
 
 #endif

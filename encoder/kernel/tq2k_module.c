@@ -7,13 +7,16 @@
 
 #include "tq2k.h"
 
-static const char *const PATH_NAMES[TQ2K_NPATHS] = {"reference", "avx2", "avx512vnni"};
+static const char *const PATH_NAMES[TQ2K_NPATHS] = {"reference", "avx2", "avx512vnni", "avx512f32"};
+/* Best first; the last entry (the reference) is always available. */
+static const int PATH_ORDER[TQ2K_NPATHS] = {TQ2K_AVX512VNNI, TQ2K_AVX2, TQ2K_AVX512F32, TQ2K_REF};
 
 static int path_available(int path) {
     if (path == TQ2K_REF) return 1;
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
     __builtin_cpu_init();
     if (path == TQ2K_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (path == TQ2K_AVX512F32) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
     if (path == TQ2K_AVX512VNNI)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -25,7 +28,8 @@ static PyObject *py_available_paths(PyObject *self, PyObject *noargs) {
     (void)self; (void)noargs;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
-    for (int p = TQ2K_NPATHS - 1; p >= 0; p--) { /* best first */
+    for (int i = 0; i < TQ2K_NPATHS; i++) {
+        const int p = PATH_ORDER[i];
         if (!path_available(p)) continue;
         PyObject *s = PyUnicode_FromString(PATH_NAMES[p]);
         if (!s || PyList_Append(out, s) < 0) { Py_XDECREF(s); Py_DECREF(out); return NULL; }
@@ -36,7 +40,7 @@ static PyObject *py_available_paths(PyObject *self, PyObject *noargs) {
 
 static PyObject *py_path_names(PyObject *self, PyObject *noargs) {
     (void)self; (void)noargs;
-    return Py_BuildValue("(sss)", PATH_NAMES[0], PATH_NAMES[1], PATH_NAMES[2]);
+    return Py_BuildValue("(ssss)", PATH_NAMES[0], PATH_NAMES[1], PATH_NAMES[2], PATH_NAMES[3]);
 }
 
 /* gemm(x, rows, K, w, N, scale, bias, y, path, threads); addresses as ints, bias 0 = none. */
@@ -68,6 +72,7 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     switch (path) {
         case TQ2K_AVX512VNNI: tq2k_gemm_avx512vnni(&a); break;
         case TQ2K_AVX2: tq2k_gemm_avx2(&a); break;
+        case TQ2K_AVX512F32: tq2k_gemm_avx512f32(&a); break;
         default: tq2k_gemm_ref(&a); break;
     }
     Py_END_ALLOW_THREADS
