@@ -173,7 +173,8 @@ class KafkaLogProducer:
         if self._closed:
             return
         self._closed = True
-        self._producer.close()  # flushes what is buffered
+        # Flushes what is buffered; after 30 s the rest fails, and the errback reports it below.
+        self._producer.close(timeout=30)
         self._raise_delivery_error()
 
 
