@@ -75,7 +75,7 @@ class Recommender:
         with timer.stage("search"):
             pending = [v for v in (self.index.vector(p) for p in profile.pending) if v is not None]
             if pending:
-                query = sum(pending, np.zeros(self.index.dim, np.float32) if query is None else query)
+                query = sum(pending, np.zeros_like(pending[0]) if query is None else query)
             if query is None or not np.any(query):
                 hits = None
             else:

@@ -24,18 +24,23 @@ import numpy as np
 from recommender.store import ItemChange
 
 TIE_SLACK = 8
+_thread = threading.local()
 
 
 class ItemIndex:
-    def __init__(self, dim: int, factory: str = "Flat"):
+    def __init__(self, dim: int | None = None, factory: str = "Flat"):
+        """`dim` None: taken from the first vector added (the service needs no encoder for it)."""
         self.dim = dim
         self.factory = factory
-        self._index = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+        self._index = None if dim is None else self._new_index(dim)
         self._ids: dict[str, int] = {}  # item id -> faiss id, stable for the life of the process
         self._item_of: dict[int, str] = {}
         self._versions: dict[str, tuple[float, str]] = {}
         self._live: set[str] = set()
         self._lock = threading.Lock()
+
+    def _new_index(self, dim: int):
+        return faiss.IndexIDMap2(faiss.index_factory(dim, self.factory, faiss.METRIC_INNER_PRODUCT))
 
     def __len__(self) -> int:
         return len(self._live)
@@ -46,6 +51,9 @@ class ItemIndex:
     def train(self, vectors: np.ndarray) -> None:
         """Only for trained factories (IVF...): fit the coarse quantizer on sample vectors."""
         with self._lock:
+            if self._index is None:
+                self.dim = vectors.shape[1]
+                self._index = self._new_index(self.dim)
             if not self._index.is_trained:
                 self._index.train(np.ascontiguousarray(vectors, dtype=np.float32))
 
@@ -66,6 +74,9 @@ class ItemIndex:
             if len(stale_ids):
                 self._index.remove_ids(stale_ids)
             upserts = [c for c in fresh if not c.deleted]
+            if upserts and self._index is None:
+                self.dim = len(upserts[0].embedding)
+                self._index = self._new_index(self.dim)
             if upserts:
                 ids = np.array([self._faiss_id(c.item_id) for c in upserts], dtype=np.int64)
                 vectors = np.stack([c.embedding for c in upserts]).astype(np.float32)
@@ -99,6 +110,11 @@ class ItemIndex:
         want = min(k + len(exclude) + TIE_SLACK, len(self._live))
         if want <= 0:
             return []
+        if not getattr(_thread, "single_omp", False):
+            # OpenMP's thread count is per thread: a server thread would otherwise fan a
+            # sub-millisecond search out to every core and spin-wait on the barrier.
+            faiss.omp_set_num_threads(1)
+            _thread.single_omp = True
         with self._lock:
             scores, ids = self._index.search(query, want)
             found = [(self._item_of[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=True)

@@ -38,9 +38,9 @@ class Runtime:
         self.metrics = Metrics()
         self.with_workers = settings.embedded_log if with_workers is None else with_workers
         self.encoder = encoder
-        if self.encoder is None:
+        if self.encoder is None and self.with_workers:  # the service alone never encodes
             self.encoder = load_encoder(resolve_encoder_spec(settings.encoder))
-        self.index = ItemIndex(self.encoder.dim)
+        self.index = ItemIndex()
         self.producer = EventProducer(self.event_log, settings)
         self.recommender = Recommender(self.store, self.index, self.producer, settings, self.metrics)
         self.index_updater = IndexUpdater(self.event_log, self.store, self.index, settings, self.metrics)

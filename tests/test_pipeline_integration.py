@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from encoder.hashing import HashingEncoder
 from ingest.catalog import load_items
 from ingest.eventlog import EventProducer
 from ingest.replay import Selection, replay, selected_events
@@ -123,7 +122,7 @@ def stored_item_keys(store: Store) -> list[bytes]:
 def test_end_to_end_with_the_default_encoder(settings, worker_factory):
     worker = worker_factory(settings, encoder="")  # the product's default model
     worker.start()
-    runtime = Runtime(settings, with_workers=False, encoder=HashingEncoder(384))  # the service side
+    runtime = Runtime(settings, with_workers=False)  # the service side: no encoder
     runtime.start()
     try:
         events = selected_events(Selection(limit=2000, users=50, interleave=True))
@@ -201,7 +200,7 @@ def test_worker_killed_at_random_moments_loses_nothing_and_duplicates_nothing(se
     assert len(stored_item_keys(store)) == 5000
 
     # The index, bootstrapped from Redis and the item-embeddings log, holds each item once.
-    runtime = Runtime(settings, with_workers=False, encoder=HashingEncoder(384))
+    runtime = Runtime(settings, with_workers=False)
     runtime.start()
     try:
         wait_for(lambda: runtime.index_updater.ready.is_set(), what="index caught up")
@@ -222,14 +221,14 @@ def test_worker_killed_at_random_moments_loses_nothing_and_duplicates_nothing(se
 def test_recommender_restart_answers_the_same(settings, worker_factory):
     worker = worker_factory(settings)
     worker.start()
-    first = Runtime(settings, with_workers=False, encoder=HashingEncoder(384))
+    first = Runtime(settings, with_workers=False)
     first.start()
     replay(first.event_log, settings, item_events(1500), progress=False)
     wait_for(lambda: len(first.index) == 1500, what="1,500 items indexed")
     before = {str(i): first.recommender.similar(str(i), 10).items for i in range(1, 200)}
     first.stop()
     worker.stop()
-    second = Runtime(settings, with_workers=False, encoder=HashingEncoder(384))
+    second = Runtime(settings, with_workers=False)
     second.start()
     try:
         assert len(second.index) == 1500  # bootstrapped from Redis alone
