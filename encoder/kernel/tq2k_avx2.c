@@ -130,9 +130,10 @@ void tq2k_gemm_avx2(const tq2k_args *a) {
     const int rblocks = (a->rows + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel num_threads(a->threads) if (a->threads > 1)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
         for (int m = 0; m < a->rows; m++) tq2k_quantize_avx2(a, m, m + 1);
-#pragma omp for collapse(2) schedule(static)
+        /* dynamic: on a shared machine, work a preempted thread has not started goes to the other one */
+#pragma omp for collapse(2) schedule(dynamic)
         for (int rb = 0; rb < rblocks; rb++) {
             for (int b = 0; b < nb; b++) {
                 const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;

@@ -111,10 +111,11 @@ void tq2k_gemm_avx512vnni(const tq2k_args *a) {
     const int rblocks = (a->rows + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel num_threads(a->threads) if (a->threads > 1)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
         for (int m = 0; m < a->rows; m++) tq2k_quantize_avx512(a, m, m + 1);
         /* implicit barrier: every row is quantized before any tile reads it */
-#pragma omp for collapse(2) schedule(static)
+        /* dynamic: on a shared machine, work a preempted thread has not started goes to the other one */
+#pragma omp for collapse(2) schedule(dynamic)
         for (int rb = 0; rb < rblocks; rb++) {
             for (int g = 0; g < ngroups; g++) {
                 const int nb0 = g * JMAX;

@@ -81,7 +81,7 @@ void tq2k_gemm_avx512f32(const tq2k_args *a) {
     const int nb = (a->N + 15) / 16;
     const int ngroups = (nb + JMAX - 1) / JMAX;
     const int rblocks = (a->rows + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(a->threads) if (a->threads > 1)
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(a->threads) if (a->threads > 1)
     for (int rb = 0; rb < rblocks; rb++) {
         for (int g = 0; g < ngroups; g++) {
             const int nb0 = g * JMAX;
