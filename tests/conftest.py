@@ -61,6 +61,9 @@ def name_prefix(request) -> str:
 def kafka_log(kafka):
     from ingest.kafka_log import KafkaLog
 
+    if not kafka.running:  # an earlier test killed the shared broker: same ports, same data
+        kafka.start()
+
     log = KafkaLog(kafka.bootstrap)
     try:
         yield log
