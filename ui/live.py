@@ -14,6 +14,7 @@ from ui.common import client, fmt_ms
 REFRESH_S = 2.0
 WINDOW_S = 60.0
 HISTORY = 150  # samples kept per session (5 minutes at one every 2 s)
+STAGE_ORDER = ("profile", "lookup", "search", "popular", "explain", "hydrate")
 COUNTERS = {"index updates": "ternrec_index_updates_total", "API events": "ternrec_events_submitted_total"}
 
 
@@ -42,8 +43,13 @@ def _rates(metrics: dict[str, float]) -> dict[str, float | None]:
 def _latency_table(stages: dict) -> pd.DataFrame:
     rows = {stage: values for stage, values in stages.items() if isinstance(values, dict)}
     frame = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=["p50", "p95", "p99"])
-    order = [s for s in frame.index if s != "total"] + (["total"] if "total" in frame.index else [])
-    return frame.loc[order]
+    # The order the stages run in; unknown stages before the total.
+    rank = {s: n for n, s in enumerate(STAGE_ORDER)}
+    return frame.loc[sorted(frame.index, key=lambda s: (s == "total", rank.get(s, len(rank)), s))]
+
+
+def _seconds_ago(frame: pd.DataFrame, now: float) -> pd.DataFrame:
+    return frame.assign(**{"seconds ago": (frame["t"] - now).round(1)}).set_index("seconds ago")
 
 
 def _panel() -> None:
@@ -79,16 +85,16 @@ def _panel() -> None:
         if series.empty or "p50" not in series:
             st.caption("No item updates in the last 5 minutes.")
         else:
-            series["time"] = pd.to_datetime(series["t"], unit="s")
-            st.line_chart(series.set_index("time")[["p50", "p99"]], height=220)
+            st.line_chart(_seconds_ago(series, time.time())[["p50", "p99"]], height=220,
+                          x_label="seconds ago", y_label="ms")
     with right:
         st.markdown("**Events/s over time** (this page's samples)")
         samples = pd.DataFrame(list(st.session_state.get("live_rates", [])))
         if len(samples) < 2:
             st.caption("Collecting samples …")
         else:
-            samples["time"] = pd.to_datetime(samples["t"], unit="s")
-            st.line_chart(samples.set_index("time")[list(COUNTERS)].astype(float), height=220)
+            st.line_chart(_seconds_ago(samples, time.time())[list(COUNTERS)].astype(float).round(2), height=220,
+                          x_label="seconds ago", y_label="events/s")
 
     st.markdown(f"**Query latency per stage** (ms, last {WINDOW_S:.0f} s, server side)")
     endpoints = stats.get("query_latency_ms") or {}

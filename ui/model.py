@@ -27,6 +27,8 @@ KNOWN_REPORTS = {
 COMMAND_KEYS = ("command", "cmd", "commands", "produced_by", "how")
 MAX_CHARTS = 4
 MAX_FIGURES = 12
+CHART_FIRST = ("p50", "p99", "per_s", "ms", "ratio", "score", "ndcg", "recall", "spearman", "mb", "size", "speedup",
+               "retained", "bytes", "accuracy")
 
 
 def _is_number(value: Any) -> bool:
@@ -83,20 +85,31 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return row
 
 
+def _nested(value: dict) -> bool:
+    """Holds something a table row cannot: lists, or dicts that are not plain figures."""
+    return any(isinstance(x, list) or (isinstance(x, dict) and not _scalar_dict(x)) for x in value.values())
+
+
 def tables(report: Any, path: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
-    """Tables found in the report: dicts of sibling records sharing numeric fields, and lists of records."""
+    """Tables found in the report: sibling records sharing numeric fields (one row each, e.g. full
+    precision vs ternary), lists of records, and named groups of figures."""
     found: list[tuple[str, pd.DataFrame]] = []
     if isinstance(report, dict):
-        records = {k: v for k, v in report.items() if isinstance(v, dict)}
-        numeric = {k: {f for f, x in v.items() if _is_number(x)} for k, v in records.items()}
+        records = {k: _flatten(v) for k, v in report.items() if isinstance(v, dict)}
+        numeric = {k: {f for f, x in row.items() if _is_number(x)} for k, row in records.items()}
         shared = set.intersection(*numeric.values()) if len(numeric) >= 2 else set()
-        if shared:
-            rows = {k: {f: x for f, x in v.items() if _is_number(x) or isinstance(x, str)}
-                    for k, v in records.items() if numeric[k] & shared}
+        rows = {k: row for k, row in records.items() if numeric[k] & shared}
+        if rows:
             found.append((_label(path), pd.DataFrame.from_dict(rows, orient="index")))
+        elif path and _scalar_dict(report) and sum(_is_number(v) for v in report.values()) >= 2:
+            figures = {k: v for k, v in report.items() if _is_number(v)}
+            found.append((_label(path), pd.DataFrame({path[-1]: figures})))
         for key, value in report.items():
-            if not (shared and key in records and numeric[key] & shared) or any(
-                    isinstance(x, (dict, list)) for x in value.values()):
+            if key in rows:  # its plain figures are in the table: look only at what did not fit
+                for sub, inner in value.items():
+                    if isinstance(inner, list) or (isinstance(inner, dict) and not _scalar_dict(inner)):
+                        found += tables(inner, (*path, str(key), str(sub)))
+            elif isinstance(value, (dict, list)):
                 found += tables(value, (*path, str(key)))
     elif isinstance(report, list) and report and all(isinstance(r, dict) for r in report):
         frame = pd.DataFrame([_flatten(r) for r in report])
@@ -120,7 +133,8 @@ def _charts(frame: pd.DataFrame) -> None:
         key = text_cols[0] if text_cols else numeric[0]
         labels = frame[key].astype(str).map(lambda v, k=key: f"{k}={v}" if not text_cols else v)
         numeric = [c for c in numeric if c != key]
-    charts = numeric[:MAX_CHARTS]
+    # Figures people compare first (latency percentiles, throughput, quality, size) get the charts.
+    charts = sorted(numeric, key=lambda c: not any(w in str(c).lower() for w in CHART_FIRST))[:MAX_CHARTS]
     if not charts:
         return
     for column, name in zip(st.columns(len(charts)), charts, strict=True):
