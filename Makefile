@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test stack bench lint install system-deps kafka-jars browser-deps clean
+.PHONY: demo test stack bench lint install system-deps kafka-jars browser-deps bench-deps clean
 
 demo: install
 	$(BIN)/python -m recommender.demo
@@ -19,7 +19,7 @@ test: install system-deps kafka-jars browser-deps
 stack: install system-deps kafka-jars
 	$(BIN)/python -m recommender.stack
 
-bench: install system-deps kafka-jars
+bench: install system-deps kafka-jars bench-deps
 	$(BIN)/python -m bench.run
 
 lint: install
@@ -54,6 +54,10 @@ browser-deps:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	fi
+
+# wrk, the HTTP load generator of the pipeline benchmark, only when missing.
+bench-deps:
+	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
