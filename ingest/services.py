@@ -247,6 +247,9 @@ class _Service:
     def _ready(self) -> bool:
         raise NotImplementedError
 
+    def _before_port_retry(self) -> None:
+        """Undoes what the failed attempt wrote that depends on the old ports."""
+
     _port_attrs: tuple[str, ...] = ("port",)
 
     def _pick_ports(self, first: bool) -> None:
@@ -302,6 +305,7 @@ class _Service:
                 except _PortInUse as e:  # lost the free-port race: new ports, try again
                     last_error = e
                     self._kill()
+                    self._before_port_retry()
                 except BaseException:
                     self._kill()
                     raise
@@ -311,7 +315,10 @@ class _Service:
             _RUNNING.add(self)
             return self
 
+    _log_offsets: dict[Path, int] = {}
+
     def _launch(self) -> None:
+        self._log_offsets = {p: p.stat().st_size if p.exists() else 0 for p in self._log_files()}
         self._log_file = open(self.log_path, "ab")
         self.proc = _spawn(
             self._command(),
@@ -332,7 +339,7 @@ class _Service:
         while True:
             if self.proc.poll() is not None:
                 tail = self.log_tail()
-                if "Address already in use" in tail and self._ports_are_ours:
+                if self._ports_are_ours and "Address already in use" in self._output_since_launch():
                     raise _PortInUse(tail[-300:])
                 raise ServiceError(f"{self.name} exited with {self.proc.returncode} during start-up:\n{tail}")
             if self._ready():
@@ -342,6 +349,21 @@ class _Service:
                     f"{self.name} not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
+
+    def _log_files(self) -> list[Path]:
+        return [self.log_path]
+
+    def _output_since_launch(self) -> str:
+        """What this launch wrote (the logs also hold earlier starts of the same data dir)."""
+        out = []
+        for path in self._log_files():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self._log_offsets.get(path, 0))
+                    out.append(f.read().decode(errors="replace"))
+            except OSError:
+                pass
+        return "\n".join(out)
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -545,10 +567,12 @@ class LocalKafka(_Service):
         props = self.data_dir / "server.properties"
         props.write_text("".join(f"{k}={v}\n" for k, v in self.config().items()))
         (self.data_dir / "log4j.properties").write_text(_LOG4J.format(log=self.data_dir / "server.log"))
+        self._formatted_now = False
         meta = self.data_dir / "data" / "meta.properties"
         if meta.exists():  # formatted on an earlier start: keep the data
             self.cluster_id = _read_properties(meta)["cluster.id"]
             return
+        self._formatted_now = True
         self.cluster_id = _cluster_id()
         cmd = [
             # C1 only: a short-lived tool gains nothing from C2 and starts ~2x faster without it.
@@ -558,6 +582,15 @@ class LocalKafka(_Service):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.data_dir, timeout=120)
         if proc.returncode != 0:
             raise ServiceError(f"kafka storage format failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+
+    _formatted_now = False
+
+    def _before_port_retry(self) -> None:
+        # The quorum state of a store formatted a moment ago names the old controller port:
+        # format afresh rather than start a voter set that no longer exists.
+        if self._formatted_now:
+            shutil.rmtree(self.data_dir / "data", ignore_errors=True)
+            self._formatted_now = False
 
     def _jvm_props(self) -> list[str]:
         return [
@@ -579,9 +612,10 @@ class LocalKafka(_Service):
             server = (self.data_dir / "server.log").read_bytes()[-chars:].decode(errors="replace")
         except (OSError, TypeError):
             server = ""
-        if "Address already in use" in server:
-            out += "\nAddress already in use"
         return (out + "\n" + server)[-chars:]
+
+    def _log_files(self) -> list[Path]:
+        return [self.log_path, self.data_dir / "server.log"]
 
     def _ready(self) -> bool:
         # Cheap check first: the JVM takes seconds to open its port, and a kafka-python client

@@ -181,3 +181,22 @@ def test_a_service_started_from_a_short_lived_thread_outlives_the_thread(make_re
     assert pid_alive(servers[0].pid)
     with servers[0].client() as r:
         assert r.ping()
+
+
+def test_losing_the_free_port_race_retries_on_another_port(make_redis, monkeypatch):
+    """Another process grabs the port between our pick and the server's bind: start() notices
+    the bind failure (not someone else's server answering) and retries on a fresh port."""
+    from ingest import services
+
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        picks = iter([taken])
+        real_free_port = services.free_port
+        monkeypatch.setattr(services, "free_port", lambda host="127.0.0.1": next(picks, None) or real_free_port(host))
+        server = make_redis()
+        assert server.port != taken and "Address already in use" in server.log_path.read_text()
+        with server.client() as r:
+            assert int(r.info("server")["process_id"]) == server.pid
