@@ -43,13 +43,35 @@ REPO = Path(__file__).resolve().parent.parent
 COMMAND = "python -m bench.pipeline"
 
 
-def rss_kib(pid: int) -> dict[str, int]:
-    out = {}
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(("VmRSS", "VmHWM")):
-            key, value = line.split(":")
-            out[key] = int(value.split()[0])
-    return {"rss_mib": round(out["VmRSS"] / 1024, 1), "peak_rss_mib": round(out["VmHWM"] / 1024, 1)}
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    """Resident memory of a process and its children (uvicorn replicas), now and at peak."""
+    total = {"VmRSS": 0, "VmHWM": 0}
+    for p in process_tree(pid):
+        try:
+            for line in open(f"/proc/{p}/status"):
+                key = line.split(":")[0]
+                if key in total:
+                    total[key] += int(line.split()[1])
+        except OSError:
+            continue
+    return {"rss_mib": round(total["VmRSS"] / 1024, 1), "peak_rss_mib": round(total["VmHWM"] / 1024, 1),
+            "processes": len(process_tree(pid))}
 
 
 def wait_for(condition, timeout: float, what: str, every: float = 0.05) -> None:
@@ -173,7 +195,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def markdown(r: dict) -> str:
     lines = [f"Command: `{COMMAND}` (real Kafka + real Redis on 127.0.0.1; worker and recommender as "
-             f"separate processes; encoder `{r['encoder']}`; {r['catalog_items']} catalog items).", "",
+             f"separate processes, {r['http_workers']} recommender replica(s); encoder `{r['encoder']}`; "
+             f"{r['catalog_items']} catalog items).", "",
              "| ingest | items/s |", "|---|---|",
              f"| encoder alone, batches of {r['max_batch']} | {r['encoder_items_per_s']:.0f} |",
              f"| sustained ingest, produced → searchable | {r['ingest']['items_per_s']:.0f} "
@@ -204,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase-seconds", type=float, default=20)
     parser.add_argument("--ingest-items", type=int, default=3000)
     parser.add_argument("--query-seconds", type=int, default=10)
+    parser.add_argument("--http-workers", type=int, default=2, help="recommender replicas (processes)")
     args = parser.parse_args(argv)
     spec = resolve_encoder_spec(args.encoder)
     settings = Settings()
@@ -216,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     with LocalKafka(settings) as kafka, LocalRedis(password=secrets.token_urlsafe(12)) as redis_server:
         port = free_port()
         env = {**os.environ, "TERNREC_KAFKA_BOOTSTRAP": kafka.bootstrap, "TERNREC_REDIS_URL": redis_server.url,
-               "TERNREC_HTTP_PORT": str(port), "TERNREC_ENCODER": spec, "HF_HUB_OFFLINE": "1"}
+               "TERNREC_HTTP_PORT": str(port), "TERNREC_ENCODER": spec, "HF_HUB_OFFLINE": "1",
+               "TERNREC_HTTP_WORKERS": str(args.http_workers)}
         settings = Settings(kafka_bootstrap=kafka.bootstrap, redis_url=redis_server.url)
         event_log = KafkaLog(kafka.bootstrap)
         worker = spawn([sys.executable, "-m", "encoder.worker"], env, workdir / "worker.log")
@@ -256,13 +281,13 @@ def main(argv: list[str] | None = None) -> None:
                 for clients in (1, 10, 50):
                     print(f"queries: {endpoint} x {clients} clients ...", flush=True)
                     queries[endpoint].append(wrk(service.url, paths, clients, args.query_seconds, workdir))
-            memory = {"encoder worker": rss_kib(worker.pid), "recommender": rss_kib(recommender.pid)}
+            memory = {"encoder worker": rss_mib(worker.pid), "recommender": rss_mib(recommender.pid)}
         finally:
             stop(worker)
             stop(recommender)
             event_log.close()
     shutil.rmtree(workdir, ignore_errors=True)
-    result = {"command": COMMAND, "encoder": spec, "max_batch": settings.max_batch,
+    result = {"command": COMMAND, "encoder": spec, "http_workers": args.http_workers, "max_batch": settings.max_batch,
               "max_wait_ms": settings.max_wait_ms, "catalog_items": catalog_items,
               "encoder_items_per_s": round(encoder_ips, 1),
               "ingest": {"items": len(burst), "items_per_s": round(ingest_ips, 1),

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     # Services.
     http_host: str = Field("127.0.0.1", description="address the recommender HTTP API binds to")
     http_port: int = Field(8000, ge=0, le=65535, description="recommender HTTP API port")
+    http_workers: int = Field(1, ge=1, le=64, description="recommender processes serving the HTTP port")
     ui_port: int = Field(8501, ge=0, le=65535, description="Streamlit UI port")
     service_url: str = Field("", description="recommender URL the UI calls (default: from host/port)")
 
@@ -80,7 +81,8 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {
         name: getattr(args, name)
-        for name in ("kafka_bootstrap", "redis_url", "encoder", "partitions", "http_port", "ui_port")
+        for name in ("kafka_bootstrap", "redis_url", "encoder", "partitions", "http_port", "http_workers",
+                     "ui_port")
         if getattr(args, name, None) is not None
     }
     return Settings(**overrides)

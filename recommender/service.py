@@ -9,6 +9,7 @@ latency and freshness percentiles for the UI).
 
 import argparse
 import logging
+import os
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
@@ -92,30 +93,48 @@ def create_app(recommender: Recommender) -> FastAPI:
     return app
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
-    import uvicorn
+def app_from_environment() -> FastAPI:
+    """One replica: its own index (bootstrapped from Redis, fed by item-embeddings) and routes.
 
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                access_log=False)
+    The factory uvicorn calls in each worker process when TERNREC_HTTP_WORKERS > 1.
+    """
+    from contextlib import asynccontextmanager
+
+    from recommender.runtime import Runtime
+
+    runtime = Runtime(Settings())
+    runtime.start()
+    log.info("replica ready (pid %d, index: %d items)", os.getpid(), len(runtime.index))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        runtime.stop()
+
+    app = create_app(runtime.recommender)
+    app.router.lifespan_context = lifespan
+    return app
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve similar-item and per-user recommendations.")
     add_settings_flags(parser)
     parser.add_argument("--http-port", type=int, help="overrides TERNREC_HTTP_PORT")
+    parser.add_argument("--http-workers", type=int, help="overrides TERNREC_HTTP_WORKERS")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from_args(args)
-    from recommender.runtime import Runtime
+    if settings.embedded_log and settings.http_workers > 1:
+        parser.error("several HTTP workers need a shared event log: set TERNREC_KAFKA_BOOTSTRAP and TERNREC_REDIS_URL")
+    import uvicorn
 
-    runtime = Runtime(settings)
-    runtime.start()
-    log.info("serving on http://%s:%d (index: %d items)", settings.http_host, settings.http_port,
-             len(runtime.index))
-    try:
-        serve(create_app(runtime.recommender), settings)
-    finally:
-        runtime.stop()
+    # Replicas are processes: each has its own index and its own GIL, so they use every core.
+    for name in ("kafka_bootstrap", "redis_url", "encoder", "partitions", "http_port", "http_workers"):
+        os.environ[f"TERNREC_{name.upper()}"] = str(getattr(settings, name))
+    log.info("serving on http://%s:%d with %d replica(s)", settings.http_host, settings.http_port,
+             settings.http_workers)
+    uvicorn.run("recommender.service:app_from_environment", factory=True, host=settings.http_host,
+                port=settings.http_port, workers=settings.http_workers, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

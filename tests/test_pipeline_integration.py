@@ -7,6 +7,7 @@ many restarts stay cheap and embeddings can be compared bit for bit.
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -66,17 +67,22 @@ def settings_env(settings: Settings, encoder: str) -> dict[str, str]:
 class WorkerProcess:
     """`python -m encoder.worker` as a child process, killable at any instant."""
 
-    def __init__(self, settings: Settings, encoder: str, log_dir: Path):
+    def __init__(self, settings: Settings, encoder: str, log_dir: Path, name: str = "worker"):
         self.env = settings_env(settings, encoder)
         self.log_dir = log_dir
+        self.name = name
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.log_dir / f"worker-{self.starts}.log", "wb")
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "encoder.worker"], cwd=REPO, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}-{self.starts}.log"
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -98,7 +104,7 @@ def worker_factory(tmp_path):
     workers = []
 
     def make(settings, encoder="hashing:384"):
-        worker = WorkerProcess(settings, encoder, tmp_path)
+        worker = WorkerProcess(settings, encoder, tmp_path, name=f"worker{len(workers) + 1}")
         workers.append(worker)
         return worker
 
@@ -258,3 +264,18 @@ def test_redis_restart_under_a_running_worker_loses_nothing(settings, worker_fac
     assert len(stored_item_keys(store)) == 3000
     assert set(store.item_embeddings([e.item_id for e in events])) == {e.item_id for e in events}
 
+
+
+def test_two_workers_share_the_partitions(settings, worker_factory):
+    workers = [worker_factory(settings), worker_factory(settings)]
+    for worker in workers:
+        worker.start()
+    event_log = _kafka_log(settings)
+    replay(event_log, settings, item_events(2000), progress=False)
+    store = store_for(settings)
+    wait_for(lambda: store.item_count() == 2000, what="2,000 items from two workers")
+    assert all(w.stop() == 0 for w in workers)
+    assert len(stored_item_keys(store)) == 2000
+    # Both did some of the work: each logs how many items it encoded when it stops.
+    encoded = [int(m) for w in workers for m in re.findall(r"(\d+) items encoded", w.log_path.read_text())]
+    assert len(encoded) == 2 and all(n > 0 for n in encoded) and sum(encoded) >= 2000
