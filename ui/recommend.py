@@ -10,6 +10,7 @@ from ui.client import NotFound, ServiceError
 from ui.common import DEFAULT_USER, book_line, client, fmt_ms, latency_line, search_titles, tags_line
 
 K = 10
+GROWING_WINDOW_S = 30.0
 WAIT_FOR_UPDATE_S = 2.0  # how long a click waits for the profile updater before showing the list anyway
 
 
@@ -117,9 +118,11 @@ def _user_recommendations(user_id: str) -> bool:
             size = client().health().get("index_size")
         except ServiceError:
             return True
-        growing = size != st.session_state.get("rec_index_size")
-        st.session_state.rec_index_size = size
-        return growing
+        now = time.monotonic()
+        if size != st.session_state.get("rec_index_size"):
+            st.session_state.rec_index_size, st.session_state.rec_index_changed = size, now
+        # The index grows in micro-batches, seconds apart under load: "still growing" = changed lately.
+        return now - st.session_state.rec_index_changed < GROWING_WINDOW_S
     return False
 
 
