@@ -8,9 +8,12 @@ workers share the partitions) and loops over micro-batches:
 2. keep the newest event per item; skip upserts older than what Redis holds (no wasted encoding);
 3. encode the texts in one call;
 4. write metadata + embeddings to Redis in one WATCH/MULTI transaction (older never overwrites
-   newer), then publish each applied change to `item-embeddings` and flush;
-5. only then commit the offsets. A worker killed at any point re-reads uncommitted events, and
-   the versioned writes make the second application a no-op in effect.
+   newer), then publish each applied change to `item-embeddings`;
+5. commit a batch's offsets only once the broker has acknowledged all of its publishes. That
+   wait is not on the critical path: the next batch is polled and encoded meanwhile, and at most
+   MAX_UNCONFIRMED batches may be awaiting acknowledgement before the worker blocks on them.
+   A worker killed at any point re-reads uncommitted events, and the versioned writes make the
+   second application a no-op in effect.
 
 Redis going away makes the worker wait and retry the same batch; nothing is committed meanwhile.
 SIGTERM finishes the batch in hand, commits, and exits. The same process runs the profile updater
@@ -26,19 +29,21 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 
 from encoder.loading import Encoder
-from ingest.eventlog import EventConsumer, EventLog, Record, ensure_topics, open_event_log
+from ingest.eventlog import Delivery, EventConsumer, EventLog, Record, ensure_topics, open_event_log
 from ingest.schema import ItemDelete, ItemUpsert
 from ingest.settings import Settings, add_settings_flags, settings_from_args
 from recommender.store import ItemChange, Store, open_redis, wait_for_redis
 
 log = logging.getLogger("encoder.worker")
 WORKER_GROUP = "encoder-workers"
+MAX_UNCONFIRMED = 4  # batches whose publishes may await acknowledgement (bounded memory)
 
 
 def change_to_json(change: ItemChange) -> bytes:
@@ -74,8 +79,10 @@ class EncoderWorker:
         self.store = store
         self.encoder = encoder
         self.consumer = EventConsumer(event_log, settings, [settings.topic_item_events], group)
-        self.producer = event_log.producer()
+        self.producer = event_log.producer(linger_ms=0)  # publish at once: freshness
         self.stats = WorkerStats()
+        # (records polled for a batch, deliveries of its publishes), oldest first.
+        self._unconfirmed: deque[tuple[list[Record], list[Delivery]]] = deque()
 
     def next_batch(self, stop: threading.Event) -> list[tuple[Record, ItemUpsert | ItemDelete]]:
         """Waits for a first event, then at most max_wait_ms for the batch to fill."""
@@ -97,7 +104,7 @@ class EncoderWorker:
             if batch and deadline is None:
                 deadline = time.monotonic() + self.settings.max_wait_ms / 1000
             if not batch:
-                self.consumer.commit()  # idle: commit records that were only dead-lettered
+                self.settle(block=True)  # idle: nothing to overlap with, confirm and commit now
         return batch
 
     def process(self, batch: list[tuple[Record, ItemUpsert | ItemDelete]]) -> list[ItemChange]:
@@ -117,15 +124,33 @@ class EncoderWorker:
                     wait_for_redis(self.store, timeout_s=5)
                 except (redis.ConnectionError, redis.TimeoutError):
                     pass
-        for change in changes:
-            self.producer.send(self.settings.topic_item_embeddings, change_to_json(change), key=change.item_id)
-        self.producer.flush()
-        self.consumer.commit()
+        deliveries = [self.producer.send(self.settings.topic_item_embeddings, change_to_json(change),
+                                         key=change.item_id) for change in changes]
+        self._unconfirmed.append((self.consumer.take_polled(), deliveries))
+        self.settle(block=len(self._unconfirmed) > MAX_UNCONFIRMED)
         self.stats.batches += 1
         self.stats.applied += len(changes)
         self.stats.batch_sizes.append(len(batch))
         del self.stats.batch_sizes[:-1000]  # bounded history
         return changes
+
+    def settle(self, block: bool) -> None:
+        """Commits the offsets of every leading batch whose publishes are all acknowledged.
+
+        `block` waits for every publish first (a full window, idle time, shutdown). A failed
+        publish raises: its offsets stay uncommitted, so the batch is processed again.
+        """
+        if block:
+            self.producer.flush()  # raises if a record could not be delivered
+        ready: list[Record] = []
+        while self._unconfirmed and all(d.done() for d in self._unconfirmed[0][1]):
+            records, deliveries = self._unconfirmed.popleft()
+            failed = next((d.error() for d in deliveries if d.error() is not None), None)
+            if failed is not None:
+                raise RuntimeError(f"publishing to {self.settings.topic_item_embeddings} failed: {failed}")
+            ready.extend(records)
+        ready.extend(self.consumer.take_polled() if not self._unconfirmed else [])
+        self.consumer.commit(ready)
 
     def _write(self, events: list[ItemUpsert | ItemDelete]) -> list[ItemChange]:
         stored = self.store.stored_versions([e.item_id for e in events])
@@ -149,7 +174,7 @@ class EncoderWorker:
             batch = self.next_batch(stop)
             if batch:
                 self.process(batch)
-        self.consumer.commit()
+        self.settle(block=True)
 
     def close(self) -> None:
         self.consumer.close()

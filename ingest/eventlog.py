@@ -34,8 +34,15 @@ class Record:
     timestamp_ms: int
 
 
+class Delivery(Protocol):
+    """What `send` returns: whether the broker has acknowledged the record yet."""
+
+    def done(self) -> bool: ...
+    def error(self) -> Exception | None: ...
+
+
 class Producer(Protocol):
-    def send(self, topic: str, value: bytes, key: str | None = None) -> None: ...
+    def send(self, topic: str, value: bytes, key: str | None = None) -> Delivery: ...
     def flush(self, timeout: float | None = None) -> None: ...
     def close(self) -> None: ...
 
@@ -48,7 +55,7 @@ class Consumer(Protocol):
 
 class EventLog(Protocol):
     def ensure_topics(self, names_partitions: dict[str, int], compacted: set[str]) -> None: ...
-    def producer(self) -> Producer: ...
+    def producer(self, linger_ms: int = 5) -> Producer: ...
     def consumer(self, topics: list[str], group: str, from_beginning: bool = True) -> Consumer: ...
     def close(self) -> None: ...
 
@@ -141,12 +148,19 @@ class EventConsumer:
                                key=record.key)
         self.dead_lettered += 1
 
-    def commit(self) -> None:
-        if not self._pending:
+    def take_polled(self) -> list[Record]:
+        """Every record polled since the last call (valid and dead-lettered), for a later commit."""
+        records, self._pending = self._pending, []
+        return records
+
+    def commit(self, records: list[Record] | None = None) -> None:
+        """Commits `records` (default: everything polled so far), dead letters flushed first."""
+        if records is None:
+            records = self.take_polled()
+        if not records:
             return
         self.dead_letters.flush()
-        self.consumer.commit(self._pending)
-        self._pending = []
+        self.consumer.commit(records)
 
     def close(self) -> None:
         self.dead_letters.flush()

@@ -96,8 +96,8 @@ class KafkaLog:
         return {k: v["value"] if isinstance(v, dict) else v for k, v in configs.items()}
 
     # -- clients --------------------------------------------------------------------------
-    def producer(self) -> KafkaLogProducer:
-        p = KafkaLogProducer(self)
+    def producer(self, linger_ms: int = 5) -> KafkaLogProducer:
+        p = KafkaLogProducer(self, linger_ms)
         self._children.add(p)
         return p
 
@@ -124,10 +124,25 @@ class KafkaLog:
         self.close()
 
 
+class KafkaDelivery:
+    """A sent record: done once the broker acknowledged it (acks=all) or delivery failed."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.is_done
+
+    def error(self) -> Exception | None:
+        return self._future.exception if self._future.is_done else None
+
+
 class KafkaLogProducer:
     """Sends bytes with an optional string key (the key picks the partition: murmur2, as Java)."""
 
-    def __init__(self, owner: KafkaLog) -> None:
+    def __init__(self, owner: KafkaLog, linger_ms: int = 5) -> None:
         self._producer = KafkaProducer(
             bootstrap_servers=owner.bootstrap,
             client_id=f"{owner.client_id}-producer",
@@ -135,7 +150,7 @@ class KafkaLogProducer:
             enable_idempotence=True,  # retries cannot duplicate or reorder within a partition
             retries=2**31 - 1,  # bounded by delivery_timeout_ms instead
             delivery_timeout_ms=120_000,
-            linger_ms=5,  # small batches: throughput without hurting freshness
+            linger_ms=linger_ms,  # 5 ms: small batches, throughput without hurting freshness
             batch_size=64 * 1024,
             max_block_ms=30_000,  # send() blocks (bounded backpressure) when the buffer is full
             allow_auto_create_topics=False,
@@ -150,9 +165,10 @@ class KafkaLogProducer:
         if self._error is None:
             self._error = exc
 
-    def send(self, topic: str, value: bytes, key: str | None = None) -> None:
+    def send(self, topic: str, value: bytes, key: str | None = None) -> KafkaDelivery:
         future = self._producer.send(topic, value=bytes(value), key=key.encode() if key is not None else None)
         future.add_errback(self._on_error)
+        return KafkaDelivery(future)
 
     def flush(self, timeout: float | None = None) -> None:
         """Blocks until every record sent so far is acknowledged by the broker (acks=all);

@@ -101,7 +101,7 @@ class InProcessLog:
             part.records = part.records[len(part.records) - self.max_records:]
         part.start = part.records[0].offset if part.records else part.next_offset
 
-    def producer(self) -> InProcessProducer:
+    def producer(self, linger_ms: int = 5) -> InProcessProducer:
         return InProcessProducer(self)
 
     # -- consume ----------------------------------------------------------------------------
@@ -139,12 +139,26 @@ class InProcessLog:
         pass
 
 
+class Delivered:
+    """Appends are synchronous: every send is delivered when it returns."""
+
+    def done(self) -> bool:
+        return True
+
+    def error(self) -> Exception | None:
+        return None
+
+
+DELIVERED = Delivered()
+
+
 class InProcessProducer:
     def __init__(self, event_log: InProcessLog):
         self.log = event_log
 
-    def send(self, topic: str, value: bytes, key: str | None = None) -> None:
+    def send(self, topic: str, value: bytes, key: str | None = None) -> Delivered:
         self.log.append(topic, value, key)
+        return DELIVERED
 
     def flush(self, timeout: float | None = None) -> None:
         pass  # appends are synchronous
