@@ -21,6 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench.report import update_section
 from ingest.services import LocalKafka, LocalRedis, fetch_kafka_jars
 from ingest.settings import KAFKA_VERSION, REPO_ROOT, Settings
 
@@ -132,6 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     k, r = report["kafka"], report["redis"]
+    update_section("Services", "\n".join([
+        f"Command: `python -m bench.services` — median of {args.runs} starts, fresh temp data dirs, "
+        f"127.0.0.1 (load average {report['machine']['loadavg_start'][0]} at the start: a shared machine).", "",
+        "| service | what | median s | min s | max s |", "|---|---|---|---|---|",
+        *[f"| Kafka {KAFKA_VERSION} (KRaft) | {label} | {k[key]['median_s']} | {k[key]['min_s']} | {k[key]['max_s']} |"
+          for key, label in (("cold_start", "cold start: format + broker until a metadata request lists it"),
+                             ("cold_start_format_storage", "of which formatting the storage"),
+                             ("cold_start_broker_launch_to_ready", "of which broker launch until ready"),
+                             ("graceful_stop", "graceful stop"),
+                             ("warm_restart_stop_plus_start", "warm restart, same data dir"))],
+        *[f"| Redis | {label} | {r[key]['median_s']} | {r[key]['min_s']} | {r[key]['max_s']} |"
+          for key, label in (("cold_start", "cold start until PING"), ("graceful_stop", "graceful stop"),
+                             ("warm_restart_stop_plus_start",
+                              f"warm restart with {r['warm_restart_keys']:,} keys in the AOF"))]]))
     print(f"kafka cold start  median {k['cold_start']['median_s']:.2f}s "
           f"(format {k['cold_start_format_storage']['median_s']:.2f}s + broker "
           f"{k['cold_start_broker_launch_to_ready']['median_s']:.2f}s), warm restart "
