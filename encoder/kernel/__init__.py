@@ -8,11 +8,13 @@ Paths (C sources beside this file, ggml style: one plain reference, SIMD version
 The best one this CPU supports (CPUID, at run time) is used unless a path is forced with `path=` or
 the TERNREC_KERNEL_PATH environment variable.
 
-Activations: the default paths quantize them on the fly to int8 per row (absmax / 127); the integer
-products are exact, so the only error against float math on the unpacked weights is that rounding:
-|y - y_float| <= 0.5 * absmax(x_row)/127 * scale[n] * nnz(W[n]). Keeping them float ("avx512f32") is
-float-accurate but does 16 multiply-adds per instruction instead of VNNI's 64: measured ~4x slower per
-core on the MiniLM shapes (bench/kernel.py, BENCHMARKS.md), so int8 is the default.
+Activations: the default paths quantize them on the fly to int8 with one scale (absmax / 127) per row
+and group of 64 inputs (per-row scales lose too much to LayerNorm's outlier channels, see tq2k.h); the
+integer products are exact, so the only error against float math on the unpacked weights is that
+rounding, at most half a step per input: |y - y_float| <= 0.5 * absmax(x_row)/127 * scale[n] * nnz(W[n]).
+Keeping them float ("avx512f32") is float-accurate but does 16 multiply-adds per instruction instead of
+VNNI's 64, and measured ~8x slower per core on the MiniLM shapes (bench/kernel.py, BENCHMARKS.md), so
+int8 is the default.
 Threads: `set_num_threads(n)`, default TERNREC_KERNEL_THREADS or 2 (OpenMP); the GIL is released.
 """
 

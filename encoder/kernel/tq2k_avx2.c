@@ -10,7 +10,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-#define RMAX 4 /* rows per micro-tile; 4 rows x 2 halves = 8 ymm accumulators of the 16 */
+#define RMAX 4 /* rows per micro-tile */
 #define ROW_BLOCK 64
 
 static inline __attribute__((always_inline)) float hmax8(__m256 v) {
@@ -34,18 +34,23 @@ void tq2k_quantize_avx2(const tq2k_args *a, int r0, int r1) {
     for (int m = r0; m < r1; m++) {
         const float *x = a->x + (size_t)m * a->K;
         int8_t *q = a->q + (size_t)m * a->kpad;
-        __m256 vmax = _mm256_setzero_ps();
-        int k = 0;
-        for (; k + 8 <= a->K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
-        float amax = hmax8(vmax);
-        for (; k < a->K; k++) {
-            float v = x[k] < 0 ? -x[k] : x[k];
-            amax = v > amax ? v : amax;
-        }
-        __m256i vsum = _mm256_setzero_si256();
-        if (amax > 0.0f) {
-            const __m256 inv = _mm256_set1_ps(127.0f / amax);
-            for (k = 0; k < a->kpad; k += 16) {
+        float corr = 0.0f;
+        for (int g = 0; g < a->groups; g++) {
+            const int k0 = g * TQ2K_GROUP;
+            const int k1 = k0 + TQ2K_GROUP < a->kpad ? k0 + TQ2K_GROUP : a->kpad;
+            float amax = 0.0f;
+            __m256 vmax = _mm256_setzero_ps();
+            int k = k0;
+            for (; k + 8 <= k1 && k + 8 <= a->K; k += 8)
+                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+            amax = hmax8(vmax);
+            for (; k < k1 && k < a->K; k++) {
+                const float v = x[k] < 0 ? -x[k] : x[k];
+                amax = v > amax ? v : amax;
+            }
+            __m256i vsum = _mm256_setzero_si256();
+            const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            for (k = k0; k < k1; k += 16) {
                 const float *src = x + k;
                 if (k + 16 > a->K) { /* last partial chunk: zero-padded copy */
                     memset(tail, 0, sizeof tail);
@@ -61,67 +66,75 @@ void tq2k_quantize_avx2(const tq2k_args *a, int r0, int r1) {
                 __m128i b8 = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
                 _mm_storeu_si128((__m128i *)(q + k), b8);
             }
-        } else {
-            memset(q, 0, (size_t)a->kpad);
+            const float sx = amax / 127.0f;
+            a->sx[(size_t)m * a->groups + g] = sx;
+            corr += sx * (float)hsum8i(vsum);
         }
-        a->sx[m] = amax / 127.0f;
-        a->qsum[m] = hsum8i(vsum);
+        a->corr[m] = corr;
     }
 }
 
-/* R rows x one 16-output block, whole K; R is a compile-time constant at each call site. */
-static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const int R, int m0, int nb) {
+/* R rows x one half (8 outputs) of a 16-output block, whole K; R is a compile-time constant at each
+ * call site. 4 int32 group sums + 4 float sums + temporaries fit the 16 ymm registers. */
+static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const int R, int m0, int nb, int h) {
     const int kt = a->kpad / 16;
-    const uint8_t *w = a->w + (size_t)nb * a->kpad * 4;
+    const uint8_t *w = a->w + (size_t)nb * a->kpad * 4 + 32 * h;
     const int8_t *q = a->q + (size_t)m0 * a->kpad;
+    const float *sx = a->sx + (size_t)m0 * a->groups;
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[RMAX][2];
+    __m256 facc[RMAX];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int r = 0; r < R; r++) facc[r] = _mm256_setzero_ps();
 
-    for (int kc = 0; kc < kt; kc++) {
-        const __m256i p0 = _mm256_loadu_si256((const __m256i *)(w + (size_t)kc * 64));
-        const __m256i p1 = _mm256_loadu_si256((const __m256i *)(w + (size_t)kc * 64 + 32));
+    for (int g = 0; g < a->groups; g++) {
+        __m256i acc[RMAX];
 #pragma GCC unroll 4
-        for (int s = 0; s < 4; s++) {
-            const __m256i w0 = _mm256_and_si256(_mm256_srli_epi16(p0, 2 * s), three);
-            const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(p1, 2 * s), three);
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+        const int kc1 = (g + 1) * (TQ2K_GROUP / 16) < kt ? (g + 1) * (TQ2K_GROUP / 16) : kt;
+        for (int kc = g * (TQ2K_GROUP / 16); kc < kc1; kc++) {
+            const __m256i p = _mm256_loadu_si256((const __m256i *)(w + (size_t)kc * 64));
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                const __m256i xb = _mm256_set1_epi32(*(const int32_t *)(q + (size_t)r * a->kpad + kc * 16 + 4 * s));
-                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xb), ones));
-                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xb), ones));
+            for (int s = 0; s < 4; s++) {
+                const __m256i wv = _mm256_and_si256(_mm256_srli_epi16(p, 2 * s), three);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    const __m256i xb = _mm256_set1_epi32(*(const int32_t *)(q + (size_t)r * a->kpad + kc * 16 + 4 * s));
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xb), ones));
+                }
             }
         }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(sx[(size_t)r * a->groups + g]), facc[r]);
     }
 
-    const int n = nb * 16;
+    const int n = nb * 16 + 8 * h;
     const int left = a->N - n;
-    float sc[16] = {0}, bi[16] = {0}, out[16];
-    memcpy(sc, a->scale + n, (size_t)(left < 16 ? left : 16) * sizeof(float));
-    if (a->bias) memcpy(bi, a->bias + n, (size_t)(left < 16 ? left : 16) * sizeof(float));
+    if (left <= 0) return;
+    float sc[8] = {0}, bi[8] = {0}, out[8];
+    memcpy(sc, a->scale + n, (size_t)(left < 8 ? left : 8) * sizeof(float));
+    if (a->bias) memcpy(bi, a->bias + n, (size_t)(left < 8 ? left : 8) * sizeof(float));
+    const __m256 vsc = _mm256_loadu_ps(sc), vbi = _mm256_loadu_ps(bi);
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         const int m = m0 + r;
-        const __m256i qs = _mm256_set1_epi32(a->qsum[m]);
-        const __m256 sx = _mm256_set1_ps(a->sx[m]);
+        const __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(facc[r], _mm256_set1_ps(a->corr[m])), vsc, vbi);
         float *y = a->y + (size_t)m * a->N + n;
-        for (int h = 0; h < 2; h++) {
-            __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][h], qs));
-            v = _mm256_fmadd_ps(v, _mm256_mul_ps(sx, _mm256_loadu_ps(sc + 8 * h)), _mm256_loadu_ps(bi + 8 * h));
-            if (left >= 16) _mm256_storeu_ps(y + 8 * h, v);
-            else _mm256_storeu_ps(out + 8 * h, v);
+        if (left >= 8) {
+            _mm256_storeu_ps(y, v);
+        } else {
+            _mm256_storeu_ps(out, v);
+            memcpy(y, out, (size_t)left * sizeof(float));
         }
-        if (left < 16) memcpy(y, out, (size_t)left * sizeof(float));
     }
 }
 
-static void tile_any(const tq2k_args *a, int R, int m0, int nb) {
+static void tile_any(const tq2k_args *a, int R, int m0, int nb, int h) {
     switch (R) {
-        case 1: tile(a, 1, m0, nb); break;
-        case 2: tile(a, 2, m0, nb); break;
-        case 3: tile(a, 3, m0, nb); break;
-        default: tile(a, 4, m0, nb); break;
+        case 1: tile(a, 1, m0, nb, h); break;
+        case 2: tile(a, 2, m0, nb, h); break;
+        case 3: tile(a, 3, m0, nb, h); break;
+        default: tile(a, 4, m0, nb, h); break;
     }
 }
 
@@ -137,9 +150,11 @@ void tq2k_gemm_avx2(const tq2k_args *a) {
         for (int rb = 0; rb < rblocks; rb++) {
             for (int b = 0; b < nb; b++) {
                 const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;
-                for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) {
-                    const int R = mend - m0 < RMAX ? mend - m0 : RMAX;
-                    tile_any(a, R, m0, b);
+                for (int h = 0; h < 2; h++) {
+                    for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) {
+                        const int R = mend - m0 < RMAX ? mend - m0 : RMAX;
+                        tile_any(a, R, m0, b, h);
+                    }
                 }
             }
         }

@@ -9,37 +9,40 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
 
 #define RMAX 4 /* rows per micro-tile */
-#define JMAX 4 /* 16-row output blocks per micro-tile: 4x4 int32 accumulators = 16 zmm */
+#define JMAX 2 /* 16-row output blocks per micro-tile: 4x2 int32 group sums + 4x2 float sums = 16 zmm */
 #define ROW_BLOCK 64 /* rows per parallel work item: its int8 activations stay in L1/L2 */
 
 void tq2k_quantize_avx512(const tq2k_args *a, int r0, int r1) {
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int m = r0; m < r1; m++) {
         const float *x = a->x + (size_t)m * a->K;
         int8_t *q = a->q + (size_t)m * a->kpad;
-        __m512 vmax = _mm512_setzero_ps();
-        int k = 0;
-        for (; k + 16 <= a->K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-        if (k < a->K) {
-            __mmask16 mk = (__mmask16)((1u << (a->K - k)) - 1);
-            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, x + k)));
-        }
-        const float amax = _mm512_reduce_max_ps(vmax);
-        __m512i vsum = _mm512_setzero_si512();
-        if (amax > 0.0f) {
-            const __m512 inv = _mm512_set1_ps(127.0f / amax);
-            for (k = 0; k < a->kpad; k += 16) {
-                int left = a->K - k;
-                __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (left > 0 ? (__mmask16)((1u << left) - 1) : 0);
+        float corr = 0.0f;
+        for (int g = 0; g < a->groups; g++) {
+            const int k0 = g * TQ2K_GROUP;
+            const int k1 = k0 + TQ2K_GROUP < a->kpad ? k0 + TQ2K_GROUP : a->kpad;
+            __m512 vmax = _mm512_setzero_ps();
+            for (int k = k0; k < k1; k += 16) {
+                const int left = a->K - k;
+                const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (left > 0 ? (__mmask16)((1u << left) - 1) : 0);
+                vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, x + k)));
+            }
+            const float amax = _mm512_reduce_max_ps(vmax);
+            __m512i vsum = _mm512_setzero_si512();
+            const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            for (int k = k0; k < k1; k += 16) {
+                const int left = a->K - k;
+                const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (left > 0 ? (__mmask16)((1u << left) - 1) : 0);
                 __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + k), inv));
-                v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                v = _mm512_max_epi32(_mm512_min_epi32(v, hi), lo);
                 vsum = _mm512_add_epi32(vsum, v);
                 _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(v));
             }
-        } else {
-            for (k = 0; k < a->kpad; k += 16) _mm_storeu_si128((__m128i *)(q + k), _mm_setzero_si128());
+            const float sx = amax / 127.0f;
+            a->sx[(size_t)m * a->groups + g] = sx;
+            corr += sx * (float)_mm512_reduce_add_epi32(vsum);
         }
-        a->sx[m] = amax / 127.0f;
-        a->qsum[m] = _mm512_reduce_add_epi32(vsum);
+        a->corr[m] = corr;
     }
 }
 
@@ -50,29 +53,44 @@ static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const
     const size_t ldw = (size_t)a->kpad * 4; /* bytes per output block */
     const uint8_t *w = a->w + (size_t)nb0 * ldw;
     const int8_t *q = a->q + (size_t)m0 * a->kpad;
+    const float *sx = a->sx + (size_t)m0 * a->groups;
     const __m512i three = _mm512_set1_epi8(3);
-    __m512i acc[RMAX][JMAX];
+    __m512 facc[RMAX][JMAX];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-        for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_si512();
+        for (int j = 0; j < J; j++) facc[r][j] = _mm512_setzero_ps();
 
-    for (int kc = 0; kc < kt; kc++) {
-        __m512i p[JMAX];
+    for (int g = 0; g < a->groups; g++) {
+        __m512i acc[RMAX][JMAX];
 #pragma GCC unroll 4
-        for (int j = 0; j < J; j++) p[j] = _mm512_loadu_si512((const void *)(w + j * ldw + (size_t)kc * 64));
+        for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-        for (int s = 0; s < 4; s++) {
-            __m512i wv[JMAX];
-            /* bit pair s of each byte -> u8 in {0,1,2} = code + 1: 16 outputs x 4 inputs k..k+3 */
+            for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_si512();
+        const int kc1 = (g + 1) * (TQ2K_GROUP / 16) < kt ? (g + 1) * (TQ2K_GROUP / 16) : kt;
+        for (int kc = g * (TQ2K_GROUP / 16); kc < kc1; kc++) {
+            __m512i p[JMAX];
 #pragma GCC unroll 4
-            for (int j = 0; j < J; j++) wv[j] = _mm512_and_si512(_mm512_srli_epi16(p[j], 2 * s), three);
+            for (int j = 0; j < J; j++) p[j] = _mm512_loadu_si512((const void *)(w + j * ldw + (size_t)kc * 64));
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                __m512i xb = _mm512_set1_epi32(*(const int32_t *)(q + (size_t)r * a->kpad + kc * 16 + 4 * s));
+            for (int s = 0; s < 4; s++) {
+                __m512i wv[JMAX];
+                /* bit pair s of each byte -> u8 in {0,1,2} = code + 1: 16 outputs x 4 inputs k..k+3 */
 #pragma GCC unroll 4
-                for (int j = 0; j < J; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], wv[j], xb);
+                for (int j = 0; j < J; j++) wv[j] = _mm512_and_si512(_mm512_srli_epi16(p[j], 2 * s), three);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    __m512i xb = _mm512_set1_epi32(*(const int32_t *)(q + (size_t)r * a->kpad + kc * 16 + 4 * s));
+#pragma GCC unroll 4
+                    for (int j = 0; j < J; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], wv[j], xb);
+                }
             }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const __m512 s = _mm512_set1_ps(sx[(size_t)r * a->groups + g]);
+#pragma GCC unroll 4
+            for (int j = 0; j < J; j++) facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), s, facc[r][j]);
         }
     }
 
@@ -86,9 +104,8 @@ static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const int m = m0 + r;
-            __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], _mm512_set1_epi32(a->qsum[m])));
-            v = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(a->sx[m]), sc), bi);
-            _mm512_mask_storeu_ps(a->y + (size_t)m * a->N + n, mk, v);
+            const __m512 v = _mm512_sub_ps(facc[r][j], _mm512_set1_ps(a->corr[m]));
+            _mm512_mask_storeu_ps(a->y + (size_t)m * a->N + n, mk, _mm512_fmadd_ps(v, sc, bi));
         }
     }
 }
@@ -98,10 +115,8 @@ static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const
 
 static void tile_any(const tq2k_args *a, int R, int J, int m0, int nb0) {
     switch (R * 8 + J) {
-        TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(1, 3) TILE_CASE(1, 4)
-        TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4)
-        TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(3, 3) TILE_CASE(3, 4)
-        TILE_CASE(4, 1) TILE_CASE(4, 2) TILE_CASE(4, 3) TILE_CASE(4, 4)
+        TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(2, 1) TILE_CASE(2, 2)
+        TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(4, 1) TILE_CASE(4, 2)
     }
 }
 

@@ -62,10 +62,11 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
      * more than it saves, and on a loaded machine the join can wait a whole scheduler slice. */
     a.threads = (double)rows * N * a.kpad < 1048576.0 ? 1 : threads;
     a.q = (int8_t *)malloc((size_t)rows * a.kpad + 64);
-    a.sx = (float *)malloc((size_t)rows * sizeof(float));
-    a.qsum = (int32_t *)malloc((size_t)rows * sizeof(int32_t));
-    if (!a.q || !a.sx || !a.qsum) {
-        free(a.q); free(a.sx); free(a.qsum);
+    a.groups = (a.kpad + TQ2K_GROUP - 1) / TQ2K_GROUP;
+    a.sx = (float *)malloc((size_t)rows * a.groups * sizeof(float));
+    a.corr = (float *)malloc((size_t)rows * sizeof(float));
+    if (!a.q || !a.sx || !a.corr) {
+        free(a.q); free(a.sx); free(a.corr);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
@@ -76,7 +77,7 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
         default: tq2k_gemm_ref(&a); break;
     }
     Py_END_ALLOW_THREADS
-    free(a.q); free(a.sx); free(a.qsum);
+    free(a.q); free(a.sx); free(a.corr);
     Py_RETURN_NONE;
 }
 

@@ -8,24 +8,31 @@ void tq2k_quantize_ref(const tq2k_args *a, int r0, int r1) {
     for (int m = r0; m < r1; m++) {
         const float *x = a->x + (size_t)m * a->K;
         int8_t *q = a->q + (size_t)m * a->kpad;
-        float amax = 0.0f;
-        for (int k = 0; k < a->K; k++) amax = fmaxf(amax, fabsf(x[k]));
-        int32_t sum = 0;
-        if (amax > 0.0f) {
-            const float inv = 127.0f / amax;
-            for (int k = 0; k < a->K; k++) {
-                /* nearbyintf rounds half to even, like cvtps2dq in the SIMD paths */
-                int v = (int)nearbyintf(x[k] * inv);
-                v = v > 127 ? 127 : (v < -127 ? -127 : v);
-                q[k] = (int8_t)v;
-                sum += v;
+        float corr = 0.0f;
+        for (int g = 0; g < a->groups; g++) {
+            const int k0 = g * TQ2K_GROUP;
+            const int k1 = k0 + TQ2K_GROUP < a->K ? k0 + TQ2K_GROUP : a->K; /* k0 >= K: padding only */
+            float amax = 0.0f;
+            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
+            int32_t sum = 0;
+            if (amax > 0.0f) {
+                const float inv = 127.0f / amax;
+                for (int k = k0; k < k1; k++) {
+                    /* nearbyintf rounds half to even, like cvtps2dq in the SIMD paths */
+                    int v = (int)nearbyintf(x[k] * inv);
+                    v = v > 127 ? 127 : (v < -127 ? -127 : v);
+                    q[k] = (int8_t)v;
+                    sum += v;
+                }
+            } else {
+                for (int k = k0; k < k1; k++) q[k] = 0;
             }
-        } else {
-            for (int k = 0; k < a->K; k++) q[k] = 0;
+            const float sx = amax / 127.0f;
+            a->sx[(size_t)m * a->groups + g] = sx;
+            corr += sx * (float)sum; /* same order and no FMA in every path: bit-identical */
         }
         for (int k = a->K; k < a->kpad; k++) q[k] = 0;
-        a->sx[m] = amax / 127.0f;
-        a->qsum[m] = sum;
+        a->corr[m] = corr;
     }
 }
 
@@ -41,9 +48,14 @@ void tq2k_gemm_ref(const tq2k_args *a) {
     for (int n = 0; n < a->N; n++) {
         for (int m = 0; m < a->rows; m++) {
             const int8_t *q = a->q + (size_t)m * a->kpad;
-            int32_t acc = 0;
-            for (int k = 0; k < a->kpad; k++) acc += weight_plus_one(a->w, a->kpad, n, k) * q[k];
-            float v = (float)(acc - a->qsum[m]) * (a->sx[m] * a->scale[n]);
+            float sum = 0.0f;
+            for (int g = 0; g < a->groups; g++) {
+                const int k1 = (g + 1) * TQ2K_GROUP < a->kpad ? (g + 1) * TQ2K_GROUP : a->kpad;
+                int32_t acc = 0;
+                for (int k = g * TQ2K_GROUP; k < k1; k++) acc += weight_plus_one(a->w, a->kpad, n, k) * q[k];
+                sum += a->sx[(size_t)m * a->groups + g] * (float)acc;
+            }
+            float v = (sum - a->corr[m]) * a->scale[n];
             a->y[(size_t)m * a->N + n] = a->bias ? v + a->bias[n] : v;
         }
     }
