@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -71,6 +73,54 @@ def _time_per_call(fn, x, min_seconds: float, clock=time.perf_counter) -> float:
         if t >= min_seconds:
             return t / n
         n = max(n * 2, int(n * min_seconds / max(t, 1e-6)) + 1)
+
+
+MINILM_LINEARS = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]  # (in, out) per layer: q, k, v, o, up, down
+MINILM_LAYERS = 6
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_worker(kind: str) -> dict:
+    """Build MiniLM's 36 linear layers as `kind` ("packed" or "float32") in this fresh process; report bytes."""
+    rng = np.random.default_rng(0)
+    # Every byte whose four 2-bit fields are in {0,1,2}: random valid packed data without a codes temporary.
+    valid = np.array([b for b in range(256) if all((b >> s) & 3 != 3 for s in (0, 2, 4, 6))], np.uint8)
+    before = _rss_bytes()
+    layers = []
+    for _ in range(MINILM_LAYERS):
+        for in_f, out_f in MINILM_LINEARS:
+            if kind == "packed":
+                packed = valid[rng.integers(0, valid.size, in_f * out_f // 4)]
+                layers.append(PackedTernaryLinear(packed, in_f, out_f, torch.ones(out_f), torch.zeros(out_f)))
+            else:
+                layers.append(torch.nn.Linear(in_f, out_f))
+    with torch.inference_mode():  # touch every weight once, as inference would
+        for m in layers:
+            m(torch.ones(1, m.in_features))
+    weight_bytes = sum(m.packed.nbytes if kind == "packed" else m.weight.nbytes for m in layers)
+    tensor_bytes = sum(t.nbytes for m in layers for t in list(m.parameters()) + list(m.buffers()))
+    return {"kind": kind, "linear_weight_bytes": weight_bytes, "linear_tensor_bytes": tensor_bytes,
+            "rss_increase_bytes": _rss_bytes() - before}
+
+
+def measure_memory() -> dict:
+    out = {}
+    for kind in ("float32", "packed"):  # separate processes: freed memory of one never hides the other
+        res = subprocess.run([sys.executable, "-m", "bench.kernel", "--memory-worker", kind], check=True,
+                             capture_output=True, text=True, cwd=ROOT)
+        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+    out["weight_ratio_packed_to_float32"] = round(out["packed"]["linear_weight_bytes"]
+                                                  / out["float32"]["linear_weight_bytes"], 4)
+    out["rss_ratio_packed_to_float32"] = round(out["packed"]["rss_increase_bytes"]
+                                               / out["float32"]["rss_increase_bytes"], 4)
+    return out
 
 
 def _summary(times: dict[str, list[float]], ops: float) -> dict:
@@ -137,6 +187,7 @@ def _table(report: dict, key: str) -> list[str]:
 
 
 def markdown(report: dict) -> str:
+    mem = report["memory_minilm_linears"]
     lines = [
         "## Kernel",
         "",
@@ -158,6 +209,16 @@ def markdown(report: dict) -> str:
         "other jobs): per-core efficiency.",
         "",
         *_table(report, "one_thread_cpu_time"),
+        "",
+        "**Memory**, MiniLM's 36 linear layers built in a fresh process each (packed: `PackedTernaryLinear`; "
+        "float32: `nn.Linear`):",
+        "",
+        "| | weight bytes | all layer tensors (incl. scale, bias) | process RSS increase |",
+        "|---|---|---|---|",
+        *[f"| {k} | {mem[k]['linear_weight_bytes']:,} | {mem[k]['linear_tensor_bytes']:,} | "
+          f"{mem[k]['rss_increase_bytes']:,} |" for k in ("float32", "packed")],
+        f"| packed / float32 | {mem['weight_ratio_packed_to_float32']:.4f} | | "
+        f"{mem['rss_ratio_packed_to_float32']:.4f} |",
     ]
     return "\n".join(lines) + "\n"
 
@@ -184,12 +245,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "kernel.json")
     ap.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--memory-worker", choices=("packed", "float32"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker)))
+        return
 
     torch.set_num_threads(args.threads)
     kernel.set_num_threads(args.threads)
     load_start = os.getloadavg()
     t0 = time.time()
+    memory = measure_memory()
+    print(f"MiniLM linear layers: {json.dumps(memory)}", flush=True)
     results = measure(args.reps, args.min_seconds, args.threads)
     report = {
         "command": "python -m bench.kernel",
@@ -202,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         "loadavg_start": [round(v, 2) for v in load_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "seconds": round(time.time() - t0, 1),
+        "memory_minilm_linears": memory,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
