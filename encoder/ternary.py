@@ -170,3 +170,67 @@ def ternarize_model(model: nn.Module, scheme: str = "row_opt") -> nn.Module:
 
 def ternary_layers(model: nn.Module) -> list[tuple[str, TernaryLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
+
+
+@torch.no_grad()
+def calibrate_ternary(model: nn.Module, run_batch, n_blocks: int, block_prefix: str = "encoder.layer",
+                      ratios: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1),
+                      bias_correction: bool = True) -> dict[str, float]:
+    """Activation-aware fit of every TernaryLinear (learnable-scale schemes only), block by block.
+
+    Weight-space fits treat every input dimension alike, but transformer activations are dominated by
+    a few large channels. Here each row's threshold ratio (from `ratios` + its current one) and scale
+    minimise E||x.w - x.(s q)||^2 over the calibration inputs x the *ternary* model produces, using
+    their Gram matrix G: err(q) = wGw - (wGq)^2 / qGq, s = wGq / qGq. The mean output error is then
+    folded into the bias. `run_batch()` runs the model over the calibration texts (any number of
+    forward passes); it is called once per transformer block so each block sees calibrated inputs.
+    Returns the relative output error per layer after calibration.
+    """
+    layers = dict(ternary_layers(model))
+    errors: dict[str, float] = {}
+    for block in range(n_blocks):
+        key = f"{block_prefix}.{block}." if block_prefix else f"{block}."
+        names = [n for n in layers if (n + ".").startswith(key)]
+        stats: dict[str, list] = {}
+
+        def hook(name, stats=stats):
+            def fn(_mod, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                g, s, n = stats.get(name, (0.0, 0.0, 0))
+                stats[name] = [g + (x.T @ x).double(), s + x.sum(0).double(), n + x.shape[0]]
+            return fn
+
+        handles = [layers[n].register_forward_pre_hook(hook(n)) for n in names]
+        try:
+            run_batch()
+        finally:
+            for h in handles:
+                h.remove()
+        for name in names:
+            layer = layers[name]
+            if layer.scale is None:
+                raise ValueError("calibration needs a learnable-scale scheme (e.g. 'row_opt+learn')")
+            g_sum, x_sum, n = stats[name]
+            gram, mean = g_sum / n, x_sum / n
+            w = layer.weight.double()
+            a = w.abs()
+            wg = w @ gram
+            wgw = (wg * w).sum(1)
+            best_err = torch.full((w.shape[0],), float("inf"), dtype=torch.float64)
+            best_ratio, best_scale = layer.row_ratio.double().clone(), layer.scale.double().clone()
+            for ratio in [None, *ratios]:
+                r = layer.row_ratio.double() if ratio is None else torch.full_like(best_ratio, ratio)
+                q = torch.sign(w) * (a > r[:, None] * a.mean(1, keepdim=True))
+                wgq, qgq = (wg * q).sum(1), ((q @ gram) * q).sum(1).clamp_min(1e-30)
+                err = wgw - wgq ** 2 / qgq
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_ratio = torch.where(better, r, best_ratio)
+                best_scale = torch.where(better, wgq / qgq, best_scale)
+            layer.row_ratio.copy_(best_ratio)
+            layer.scale.copy_(best_scale)
+            if bias_correction and layer.bias is not None:
+                codes, s = layer._codes_and_scale()
+                layer.bias.add_(((w - s.double()[:, None] * codes.double()) @ mean).to(layer.bias.dtype))
+            errors[name] = float(best_err.sum() / wgw.sum().clamp_min(1e-30))
+    return errors

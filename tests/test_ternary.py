@@ -36,7 +36,8 @@ def test_effective_weight_is_codes_times_row_scale(scheme):
     w_hat = layer.quantized_weight().detach()
     torch.testing.assert_close(w_hat, scale[:, None] * codes.float())
     x = torch.randn(5, 53)
-    torch.testing.assert_close(layer(x), x @ (scale[:, None] * codes.float()).T + lin.bias, atol=1e-5, rtol=1e-5)
+    expected = x @ (scale[:, None] * codes.float()).T + lin.bias
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
     # codes never flip a weight's sign
     assert ((codes.float() * lin.weight.sign()) >= 0).all()
 
@@ -156,3 +157,22 @@ def test_sentence_transformer_is_ternarized():
     assert len(names) == 6 * 6 + (1 if st[0].auto_model.pooler is not None else 0)
     emb = st.encode(["a small test"], convert_to_numpy=True)
     assert emb.shape == (1, 384)
+
+
+def test_calibration_lowers_the_output_error_on_skewed_inputs():
+    from encoder.ternary import calibrate_ternary
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 8))
+    x = torch.randn(512, 24)
+    x[:, :3] *= 20  # a few dominant channels, as in transformer activations
+    ref = model(x).detach()
+    ternarize_model(model, "row_opt+learn")
+    before = (model(x) - ref).pow(2).mean().item()
+    # the Sequential's children "0" and "2" are calibrated as blocks 0 and 2 (block 1 has no Linear)
+    errors = calibrate_ternary(model, lambda: model(x), n_blocks=3, block_prefix="")
+    after = (model(x) - ref).pow(2).mean().item()
+    assert set(errors) == {"0", "2"}
+    assert after < 0.7 * before
+    codes, scale = model[0].ternary_codes_and_scale()
+    assert set(codes.unique().tolist()) <= {-1, 0, 1} and (scale > 0).all()
