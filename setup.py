@@ -9,8 +9,8 @@ if sys.platform == "win32":
     raise RuntimeError("the tq2k kernel needs GCC (target pragmas, __builtin_cpu_supports); MSVC is not supported")
 # No -march: SIMD paths are enabled per function (GCC target pragmas) and picked at run time by CPUID,
 # so the build runs on any x86-64; on other architectures only the reference path is compiled in.
-compile_args = ["-O3", "-std=c11", "-fopenmp", "-fno-math-errno", "-Wall"]
-link_args = ["-fopenmp"]
+compile_args = ["-O3", "-std=c11", "-pthread", "-fno-math-errno", "-Wall"]
+link_args = ["-pthread"]
 
 setup(
     ext_modules=[

@@ -147,7 +147,7 @@ def measure(reps: int, min_seconds: float, threads: int, seed: int = 0) -> list[
             times: dict[str, list[float]] = {name: [] for name in cands}
             cpu_times: dict[str, list[float]] = {name: [] for name in cands}
             with torch.inference_mode():
-                for m in cands.values():  # warm-up: first-call allocations, OpenMP pool start
+                for m in cands.values():  # warm-up: first-call allocations, thread pools start
                     m(x)
                 for _ in range(reps):
                     for name, m in cands.items():

@@ -162,3 +162,34 @@ def test_packed_linear_keeps_callers_bytes_and_rejects_bad_shapes():
         PackedTernaryLinear(packed, 48, 16, torch.ones(15), None)
     with pytest.raises(ValueError), torch.inference_mode():
         layer(torch.zeros(2, 47))
+
+
+def test_concurrent_callers_and_fork():
+    # The work-sharing pool serves one caller at a time; concurrent callers (GIL released) must still get
+    # exact results, and a forked child (no helper threads) must not hang.
+    import threading
+
+    codes, x, scale, bias = make_case(96, 383, 200, seed=7)
+    packed = pack_ternary(codes)
+    want = kernel.ternary_matmul(x, packed, 200, scale, bias, threads=1)
+    errors = []
+
+    def call():
+        for _ in range(30):
+            got = kernel.ternary_matmul(x, packed, 200, scale, bias, threads=2)
+            if not np.array_equal(got, want):
+                errors.append(np.abs(got - want).max())
+
+    workers = [threading.Thread(target=call) for _ in range(3)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not errors
+    if hasattr(os, "fork"):
+        pid = os.fork()
+        if pid == 0:  # child: exit code says whether the result was right
+            ok = np.array_equal(kernel.ternary_matmul(x, packed, 200, scale, bias, threads=2), want)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

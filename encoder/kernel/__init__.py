@@ -15,7 +15,8 @@ rounding, at most half a step per input: |y - y_float| <= 0.5 * absmax(x_row)/12
 Keeping them float ("avx512f32") is float-accurate but does 16 multiply-adds per instruction instead of
 VNNI's 64, and measured ~8x slower per core on the MiniLM shapes (bench/kernel.py, BENCHMARKS.md), so
 int8 is the default.
-Threads: `set_num_threads(n)`, default TERNREC_KERNEL_THREADS or 2 (OpenMP); the GIL is released.
+Threads: `set_num_threads(n)`, default TERNREC_KERNEL_THREADS or 2 (the caller plus persistent helper threads
+that share work without a join, see tq2k_pool.c); the GIL is released.
 """
 
 from __future__ import annotations

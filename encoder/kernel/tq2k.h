@@ -39,12 +39,19 @@ typedef struct {
     int threads;
 } tq2k_args;
 
+/* Run fn(ctx, i) for i in [0, nitems) on the calling thread plus up to threads-1 helpers (tq2k_pool.c);
+ * returns when all are done. Items must be independent. */
+typedef void (*tq2k_item_fn)(const void *ctx, int item);
+void tq2k_parallel(int nitems, int threads, tq2k_item_fn fn, const void *ctx);
+
+#define TQ2K_QUANT_ROWS 16 /* rows per quantization work item */
+
 /* Quantize rows [r0, r1) of a->x into a->q / a->sx / a->corr. */
 void tq2k_quantize_ref(const tq2k_args *a, int r0, int r1);
 void tq2k_quantize_avx2(const tq2k_args *a, int r0, int r1);
 void tq2k_quantize_avx512(const tq2k_args *a, int r0, int r1);
 
-/* Whole GEMM (quantize + matmul + epilogue) using up to a->threads OpenMP threads. */
+/* Whole GEMM (quantize + matmul + epilogue) using up to a->threads threads. */
 void tq2k_gemm_ref(const tq2k_args *a);
 void tq2k_gemm_avx2(const tq2k_args *a);
 void tq2k_gemm_avx512vnni(const tq2k_args *a);

@@ -138,27 +138,24 @@ static void tile_any(const tq2k_args *a, int R, int m0, int nb, int h) {
     }
 }
 
-void tq2k_gemm_avx2(const tq2k_args *a) {
+static void quant_item(const void *ctx, int i) {
+    const tq2k_args *a = (const tq2k_args *)ctx;
+    const int r0 = i * TQ2K_QUANT_ROWS, r1 = r0 + TQ2K_QUANT_ROWS < a->rows ? r0 + TQ2K_QUANT_ROWS : a->rows;
+    tq2k_quantize_avx2(a, r0, r1);
+}
+
+static void gemm_item(const void *ctx, int i) {
+    const tq2k_args *a = (const tq2k_args *)ctx;
     const int nb = (a->N + 15) / 16;
-    const int rblocks = (a->rows + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel num_threads(a->threads) if (a->threads > 1)
-    {
-#pragma omp for schedule(dynamic, 8)
-        for (int m = 0; m < a->rows; m++) tq2k_quantize_avx2(a, m, m + 1);
-        /* dynamic: on a shared machine, work a preempted thread has not started goes to the other one */
-#pragma omp for collapse(2) schedule(dynamic)
-        for (int rb = 0; rb < rblocks; rb++) {
-            for (int b = 0; b < nb; b++) {
-                const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;
-                for (int h = 0; h < 2; h++) {
-                    for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) {
-                        const int R = mend - m0 < RMAX ? mend - m0 : RMAX;
-                        tile_any(a, R, m0, b, h);
-                    }
-                }
-            }
-        }
-    }
+    const int rb = i / nb, b = i % nb;
+    const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;
+    for (int h = 0; h < 2; h++)
+        for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) tile_any(a, mend - m0 < RMAX ? mend - m0 : RMAX, m0, b, h);
+}
+
+void tq2k_gemm_avx2(const tq2k_args *a) {
+    tq2k_parallel((a->rows + TQ2K_QUANT_ROWS - 1) / TQ2K_QUANT_ROWS, a->threads, quant_item, a);
+    tq2k_parallel((a->rows + ROW_BLOCK - 1) / ROW_BLOCK * ((a->N + 15) / 16), a->threads, gemm_item, a);
 }
 
 #pragma GCC pop_options

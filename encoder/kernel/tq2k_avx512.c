@@ -120,29 +120,31 @@ static void tile_any(const tq2k_args *a, int R, int J, int m0, int nb0) {
     }
 }
 
+typedef struct {
+    const tq2k_args *a;
+    int nb, ngroups;
+} plan;
+
+static void quant_item(const void *ctx, int i) {
+    const tq2k_args *a = (const tq2k_args *)ctx;
+    const int r0 = i * TQ2K_QUANT_ROWS, r1 = r0 + TQ2K_QUANT_ROWS < a->rows ? r0 + TQ2K_QUANT_ROWS : a->rows;
+    tq2k_quantize_avx512(a, r0, r1);
+}
+
+static void gemm_item(const void *ctx, int i) {
+    const plan *p = (const plan *)ctx;
+    const tq2k_args *a = p->a;
+    const int rb = i / p->ngroups, nb0 = (i % p->ngroups) * JMAX;
+    const int J = p->nb - nb0 < JMAX ? p->nb - nb0 : JMAX;
+    const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;
+    for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) tile_any(a, mend - m0 < RMAX ? mend - m0 : RMAX, J, m0, nb0);
+}
+
 void tq2k_gemm_avx512vnni(const tq2k_args *a) {
-    const int nb = (a->N + 15) / 16;
-    const int ngroups = (nb + JMAX - 1) / JMAX;
-    const int rblocks = (a->rows + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel num_threads(a->threads) if (a->threads > 1)
-    {
-#pragma omp for schedule(dynamic, 8)
-        for (int m = 0; m < a->rows; m++) tq2k_quantize_avx512(a, m, m + 1);
-        /* implicit barrier: every row is quantized before any tile reads it */
-        /* dynamic: on a shared machine, work a preempted thread has not started goes to the other one */
-#pragma omp for collapse(2) schedule(dynamic)
-        for (int rb = 0; rb < rblocks; rb++) {
-            for (int g = 0; g < ngroups; g++) {
-                const int nb0 = g * JMAX;
-                const int J = nb - nb0 < JMAX ? nb - nb0 : JMAX;
-                const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;
-                for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) {
-                    const int R = mend - m0 < RMAX ? mend - m0 : RMAX;
-                    tile_any(a, R, J, m0, nb0);
-                }
-            }
-        }
-    }
+    tq2k_parallel((a->rows + TQ2K_QUANT_ROWS - 1) / TQ2K_QUANT_ROWS, a->threads, quant_item, a);
+    plan p = {a, (a->N + 15) / 16, 0};
+    p.ngroups = (p.nb + JMAX - 1) / JMAX;
+    tq2k_parallel((a->rows + ROW_BLOCK - 1) / ROW_BLOCK * p.ngroups, a->threads, gemm_item, &p);
 }
 
 #pragma GCC pop_options

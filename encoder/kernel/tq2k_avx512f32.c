@@ -77,22 +77,18 @@ static void tile_any(const tq2k_args *a, int R, int J, int m0, int nb0) {
     }
 }
 
+static void gemm_item(const void *ctx, int i) {
+    const tq2k_args *a = (const tq2k_args *)ctx;
+    const int nb = (a->N + 15) / 16, ngroups = (nb + JMAX - 1) / JMAX;
+    const int rb = i / ngroups, nb0 = (i % ngroups) * JMAX;
+    const int J = nb - nb0 < JMAX ? nb - nb0 : JMAX;
+    const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;
+    for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) tile_any(a, mend - m0 < RMAX ? mend - m0 : RMAX, J, m0, nb0);
+}
+
 void tq2k_gemm_avx512f32(const tq2k_args *a) {
     const int nb = (a->N + 15) / 16;
-    const int ngroups = (nb + JMAX - 1) / JMAX;
-    const int rblocks = (a->rows + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(a->threads) if (a->threads > 1)
-    for (int rb = 0; rb < rblocks; rb++) {
-        for (int g = 0; g < ngroups; g++) {
-            const int nb0 = g * JMAX;
-            const int J = nb - nb0 < JMAX ? nb - nb0 : JMAX;
-            const int mend = (rb + 1) * ROW_BLOCK < a->rows ? (rb + 1) * ROW_BLOCK : a->rows;
-            for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) {
-                const int R = mend - m0 < RMAX ? mend - m0 : RMAX;
-                tile_any(a, R, J, m0, nb0);
-            }
-        }
-    }
+    tq2k_parallel((a->rows + ROW_BLOCK - 1) / ROW_BLOCK * ((nb + JMAX - 1) / JMAX), a->threads, gemm_item, a);
 }
 
 #pragma GCC pop_options

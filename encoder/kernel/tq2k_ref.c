@@ -42,10 +42,10 @@ static inline int weight_plus_one(const uint8_t *w, int kpad, int n, int k) {
     return (byte >> (2 * ((k % 16) / 4))) & 3;
 }
 
-void tq2k_gemm_ref(const tq2k_args *a) {
-    tq2k_quantize_ref(a, 0, a->rows);
-#pragma omp parallel for schedule(static) num_threads(a->threads) if (a->threads > 1)
-    for (int n = 0; n < a->N; n++) {
+static void gemm_item(const void *ctx, int i) { /* outputs [16 i, 16 i + 16) for every row */
+    const tq2k_args *a = (const tq2k_args *)ctx;
+    const int n1 = 16 * i + 16 < a->N ? 16 * i + 16 : a->N;
+    for (int n = 16 * i; n < n1; n++) {
         for (int m = 0; m < a->rows; m++) {
             const int8_t *q = a->q + (size_t)m * a->kpad;
             float sum = 0.0f;
@@ -59,4 +59,9 @@ void tq2k_gemm_ref(const tq2k_args *a) {
             a->y[(size_t)m * a->N + n] = a->bias ? v + a->bias[n] : v;
         }
     }
+}
+
+void tq2k_gemm_ref(const tq2k_args *a) {
+    tq2k_quantize_ref(a, 0, a->rows);
+    tq2k_parallel((a->N + 15) / 16, a->threads, gemm_item, a);
 }
