@@ -43,15 +43,12 @@ def main() -> None:
     st.set_page_config(page_title="ternrec", page_icon=":material/menu_book:", layout="wide",
                        initial_sidebar_state="collapsed")
     header()
-    tabs = st.tabs(["Recommend", "Live", "Model", "Add a book"])
-    with tabs[0]:
-        recommend.render()
-    with tabs[1]:
-        live.render()
-    with tabs[2]:
-        model.render()
-    with tabs[3]:
-        add_book.render()
+    # Only the open tab runs: a hidden Live page must not poll the service (nor compete with a click).
+    pages = {"Recommend": recommend.render, "Live": live.render, "Model": model.render, "Add a book": add_book.render}
+    for tab, render in zip(st.tabs(list(pages), key="tab", on_change="rerun"), pages.values(), strict=True):
+        if tab.open:
+            with tab:
+                render()
 
 
 main()
