@@ -11,11 +11,11 @@ RUN python -m venv /opt/venv
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.15.0
 WORKDIR /app
 COPY . .
-# The package and its pinned dependencies, with the native kernel compiled; the kernel is also built
-# in place because the services run from /app (the bundled model and data are found beside the code).
+# The package and its pinned dependencies, with the native kernel compiled. The services run from /app
+# (the bundled model and data are found beside the code), so the built kernel is copied there too.
 RUN pip install . \
- && python setup.py build_ext --inplace \
- && python -c "import encoder.kernel as k; k._lib()"
+ && cd / && python -c "import shutil, encoder.kernel._tq2k as m; shutil.copy(m.__file__, '/app/encoder/kernel/')" \
+ && cd /app && python -c "import encoder.kernel as k; k._lib()"
 
 FROM python:3.11-slim
 RUN apt-get update \
