@@ -8,8 +8,9 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
 
-#define RMAX 4 /* rows per micro-tile */
-#define JMAX 2 /* 16-row output blocks per micro-tile: 4x2 int32 group sums + 4x2 float sums = 16 zmm */
+#define RMAX 8 /* rows per micro-tile: 8 int32 group sums + 8 float sums + weights in the 32 zmm */
+#define JMAX 1 /* 16-output blocks per micro-tile: one unpacked weight vector feeds 8 rows (rows x blocks
+                * measured with group scales: 4x2, 4x4, 8x1, 12x1; 8x1 was fastest, 12x1 spills) */
 #define ROW_BLOCK 64 /* rows per parallel work item: its int8 activations stay in L1/L2 */
 
 void tq2k_quantize_avx512(const tq2k_args *a, int r0, int r1) {
@@ -56,14 +57,14 @@ static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const
     const float *sx = a->sx + (size_t)m0 * a->groups;
     const __m512i three = _mm512_set1_epi8(3);
     __m512 facc[RMAX][JMAX];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int j = 0; j < J; j++) facc[r][j] = _mm512_setzero_ps();
 
     for (int g = 0; g < a->groups; g++) {
         __m512i acc[RMAX][JMAX];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
             for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_si512();
@@ -78,7 +79,7 @@ static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const
                 /* bit pair s of each byte -> u8 in {0,1,2} = code + 1: 16 outputs x 4 inputs k..k+3 */
 #pragma GCC unroll 4
                 for (int j = 0; j < J; j++) wv[j] = _mm512_and_si512(_mm512_srli_epi16(p[j], 2 * s), three);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     __m512i xb = _mm512_set1_epi32(*(const int32_t *)(q + (size_t)r * a->kpad + kc * 16 + 4 * s));
 #pragma GCC unroll 4
@@ -86,7 +87,7 @@ static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const
                 }
             }
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const __m512 s = _mm512_set1_ps(sx[(size_t)r * a->groups + g]);
 #pragma GCC unroll 4
@@ -101,7 +102,7 @@ static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const
         const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
         const __m512 sc = _mm512_maskz_loadu_ps(mk, a->scale + n);
         const __m512 bi = a->bias ? _mm512_maskz_loadu_ps(mk, a->bias + n) : _mm512_setzero_ps();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const int m = m0 + r;
             const __m512 v = _mm512_sub_ps(facc[r][j], _mm512_set1_ps(a->corr[m]));
@@ -111,12 +112,12 @@ static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const
 }
 
 #define TILE_CASE(R, J) \
-    case (R) * 8 + (J): tile(a, R, J, m0, nb0); break;
+    case (R) * 16 + (J): tile(a, R, J, m0, nb0); break;
 
 static void tile_any(const tq2k_args *a, int R, int J, int m0, int nb0) {
-    switch (R * 8 + J) {
-        TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(2, 1) TILE_CASE(2, 2)
-        TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(4, 1) TILE_CASE(4, 2)
+    switch (R * 16 + J) {
+        TILE_CASE(1, 1) TILE_CASE(2, 1) TILE_CASE(3, 1) TILE_CASE(4, 1)
+        TILE_CASE(5, 1) TILE_CASE(6, 1) TILE_CASE(7, 1) TILE_CASE(8, 1)
     }
 }
 
