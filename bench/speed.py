@@ -282,6 +282,83 @@ class Worker:
         return reply
 
 
+# ----------------------------------------------------------------------------- forward ablation (item 5)
+
+class HFTreePackedEncoder:
+    """Baseline for the lean forward: sentence-transformers' module tree (HF BertModel, its masks,
+    three Q/K/V calls, ST's tokenizer and pooling) with every Linear swapped for PackedTernaryLinear."""
+
+    def __init__(self, ternary: str, base: str):
+        import torch
+        from safetensors.torch import load_file
+        from sentence_transformers import SentenceTransformer
+
+        from encoder.packed_linear import PackedTernaryLinear
+        from encoder.ternary_model import unpack_codes
+
+        cfg = json.loads((Path(ternary) / "config.json").read_text())
+        tensors = load_file(str(Path(ternary) / "model.safetensors"))
+        self.model = SentenceTransformer(base, device="cpu").eval()
+        hf = self.model[0].auto_model
+        # The float tensors the distillation may have changed (LayerNorms, position embeddings).
+        floats = {k: v for k, v in tensors.items() if k.endswith((".weight", ".bias"))
+                  and not any(k.startswith(n + ".") for n in cfg["linear"]["names"])}
+        missing = set(floats) - set(hf.state_dict())
+        assert not missing, missing
+        hf.load_state_dict(floats, strict=False)
+        for name in cfg["linear"]["names"]:
+            old = hf.get_submodule(name)
+            codes = unpack_codes(tensors[f"{name}.packed"].numpy(), cfg["linear"]["packing"],
+                                 old.out_features, old.in_features)
+            new = PackedTernaryLinear.from_codes(torch.from_numpy(codes), tensors[f"{name}.scale"],
+                                                 tensors[f"{name}.bias"])
+            parent, _, child = name.rpartition(".")
+            setattr(hf.get_submodule(parent), child, new)
+        self._torch = torch
+
+    def encode(self, texts, batch_size=32):
+        with self._torch.inference_mode():
+            return self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                     normalize_embeddings=True, show_progress_bar=False)
+
+
+def forward_ablation(ternary: str, base: str, texts: dict, rounds: int) -> dict:
+    """Same packed kernel, forward variants interleaved in one process: what each change buys."""
+    import torch
+
+    from encoder.ternary_model import TernaryEncoder
+
+    torch.set_num_threads(THREADS)
+    variants = {
+        "HF module tree (sentence-transformers)": HFTreePackedEncoder(ternary, base),
+        "lean forward, separate Q/K/V, always masked": TernaryEncoder(ternary, "packed", fuse_qkv=False,
+                                                                      mask_free_when_unpadded=False),
+        "lean forward, fused QKV, always masked": TernaryEncoder(ternary, "packed",
+                                                                 mask_free_when_unpadded=False),
+        "lean forward, fused QKV, no mask when unpadded (default)": TernaryEncoder(ternary, "packed"),
+    }
+    ref = None
+    for enc in variants.values():
+        e = enc.encode(texts["short"][:32], batch_size=8)
+        ref = e if ref is None else ref
+        assert float(np.min(np.sum(e * ref, axis=1))) > 0.999, "variants must compute the same embeddings"
+    times: dict = {v: {} for v in variants}
+    configs = [("short", 1), ("short", 32), ("long", 1), ("long", 32)]
+    for rnd in range(rounds):
+        for s, b in configs:
+            names = list(variants)
+            names = names[rnd % len(names):] + names[: rnd % len(names)]
+            for v in names:
+                t = time.perf_counter()
+                variants[v].encode(texts[s], batch_size=b)
+                times[v].setdefault(f"{s}_b{b}", []).append(len(texts[s]) / (time.perf_counter() - t))
+                print(f"ablation round {rnd + 1} {s} b{b} {v}: {times[v][f'{s}_b{b}'][-1]:.1f}", flush=True)
+    base_name = next(iter(variants))
+    return {v: {k: {"sentences_per_s": float(np.median(x)),
+                    "speedup_vs_hf_tree": float(np.median(np.array(x) / np.array(times[base_name][k])))}
+                for k, x in t.items()} for v, t in times.items()}
+
+
 # ----------------------------------------------------------------------------- report
 
 def random_ternary_model(base: str) -> Path:
@@ -333,6 +410,18 @@ def markdown(report: dict) -> str:
     lines += ["", "Peak RSS includes the Python interpreter, torch/onnxruntime libraries and the tokenizer "
               "(each runtime in its own process). `cos to fp32` = mean cosine of the short-text embeddings "
               "to torch-fp32 (sanity check; the ternary model's quality is in the Quality section)."]
+    abl = report.get("forward_ablation")
+    if abl:
+        lines += ["", "### The rest of the forward pass (packed ternary, same kernel)", "",
+                  "Each change measured in one process, variants interleaved; sentences/s (median) and the "
+                  "same-round speed-up over the HF module tree.", "",
+                  "| forward | " + " | ".join(f"{s} b{b}" for s, b in cols) + " |", "|---|" + "---|" * len(cols)]
+        for v, r in abl.items():
+            lines.append(f"| {v} | " + " | ".join(
+                f"{r[f'{s}_b{b}']['sentences_per_s']:.1f} ({r[f'{s}_b{b}']['speedup_vs_hf_tree']:.2f}×)"
+                for s, b in cols) + " |")
+    if report.get("profile"):
+        lines += ["", report["profile"]]
     return "\n".join(lines) + "\n"
 
 
@@ -357,11 +446,16 @@ def main() -> None:
     p.add_argument("--ternary", default=str(DEFAULT_TERNARY))
     p.add_argument("--runtimes", default=",".join(RUNTIMES))
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ablation-rounds", type=int, default=3, help="0 skips the forward ablation")
     p.add_argument("--n-short", type=int, default=512)
     p.add_argument("--n-long", type=int, default=128)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "speed.json")
     p.add_argument("--markdown", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     args = p.parse_args()
+    if args.worker == "ablation":
+        texts = json.loads(Path(args.texts_file).read_text())
+        args.out.write_text(json.dumps(forward_ablation(args.ternary, args.base, texts, args.rounds)))
+        return
     if args.worker:
         worker(args.worker, args.base, args.ternary, args.texts_file)
         return
@@ -430,6 +524,13 @@ def main() -> None:
             "linear weights in memory": t["linear_weight_bytes"] / f["linear_weight_bytes"],
             "whole model in memory": t["model_bytes_in_memory"] / f["model_bytes_in_memory"],
             "model file": t.get("file_bytes_with_base_embedding", t["file_bytes"]) / f["file_bytes"]}
+    if args.ablation_rounds:
+        # In a child process: keeps this process's memory and threads out of the way.
+        out = CACHE / "bench" / "ablation.json"
+        subprocess.run([sys.executable, "-m", "bench.speed", "--worker", "ablation", "--base", base,
+                        "--ternary", str(ternary), "--texts-file", str(texts_file),
+                        "--rounds", str(args.ablation_rounds), "--out", str(out)], check=True, cwd=REPO_ROOT)
+        report["forward_ablation"] = json.loads(out.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     write_section(markdown(report), "## Speed", args.markdown)

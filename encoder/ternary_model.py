@@ -397,7 +397,9 @@ def _module_nbytes(mod) -> int:
 class TernaryEncoder:
     """A ternary BERT sentence encoder: `.encode(texts, batch_size) -> (n, dim) L2-normalized float32`."""
 
-    def __init__(self, path: str | os.PathLike, backend: str = "packed", fuse_qkv: bool = True):
+    def __init__(self, path: str | os.PathLike, backend: str = "packed", fuse_qkv: bool = True,
+                 mask_free_when_unpadded: bool = True):
+        """`fuse_qkv` and `mask_free_when_unpadded` exist to measure what they buy (bench.speed)."""
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
 
@@ -426,6 +428,7 @@ class TernaryEncoder:
 
         cls = _packed_linear_class() if backend == "packed" else None
         self.backend = "packed" if cls is not None else "reference"
+        self.mask_free_when_unpadded = mask_free_when_unpadded
         layout = cfg["linear"]["packing"]
 
         def codes_of(name: str) -> np.ndarray:
@@ -552,7 +555,7 @@ class TernaryEncoder:
                 for row, i in enumerate(chunk):
                     arr[row, : lengths[row]] = ids[i]
                 # No mask at all when nothing is padded (batch 1): SDPA's fastest path.
-                mask = None if (lengths == seq).all() else \
+                mask = None if self.mask_free_when_unpadded and (lengths == seq).all() else \
                     torch.from_numpy(np.arange(seq)[None, :] < lengths[:, None])
                 pooled = self.forward(torch.from_numpy(arr), mask)
                 out[chunk] = F.normalize(pooled, dim=-1).numpy()

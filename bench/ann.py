@@ -1,0 +1,251 @@
+"""ANN end to end: `python -m bench.ann` -> reports/ann.json + "## ANN" in BENCHMARKS.md.
+
+The paper's retrieval experiment on this machine: query encoding plus FAISS search, for four index
+types, each with full-precision and with ternary embeddings.
+  SciFact  5,183 abstracts (title + text), the 300 test claims as queries: nDCG@10 against the qrels.
+  catalog  the 10,000 books (item text = title, authors, top tags, as the recommender embeds them);
+           queries = a seeded sample of books, each encoded from its text like a newly arriving item;
+           recall@10 (the book itself excluded) against the exact full-precision neighbours.
+Indexes (inner product on L2-normalized vectors, 2 threads):
+  flat      IndexFlatIP (exact)
+  hnsw      IndexHNSWFlat M=32, efConstruction=40, efSearch=64
+  ivf       IndexIVFFlat nlist=4*sqrt(N), nprobe=16, trained on the corpus
+  hnsw_sq8  IndexHNSWSQ 8-bit scalar quantizer, M=32, efSearch=64
+Speed: the encoder's per-query time at batch 1 (median) plus each index's single-query search time
+(median); queries/s = 1 / (encode + search). Index bytes = faiss.serialize_index size.
+Corpus embeddings are cached (.npy; full precision in runs/eval_cache shared with encoder.evaluate,
+ternary under ~/.cache/ternrec/ann keyed by the model file's sha256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec")) / "ann"
+THREADS = 2
+K = 10
+INDEXES = ("flat", "hnsw", "ivf", "hnsw_sq8")
+
+
+def build_index(kind: str, x: np.ndarray):
+    import faiss
+
+    d, n = x.shape[1], x.shape[0]
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, ip)
+        index.hnsw.efConstruction = 40
+        index.hnsw.efSearch = 64
+    elif kind == "ivf":
+        nlist = int(4 * math.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)
+        index.train(x)
+        index.nprobe = 16
+    elif kind == "hnsw_sq8":
+        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, 32, ip)
+        index.hnsw.efConstruction = 40
+        index.hnsw.efSearch = 64
+        index.train(x)
+    else:
+        raise ValueError(kind)
+    index.add(x)
+    return index
+
+
+def index_bytes(index) -> int:
+    import faiss
+
+    return int(faiss.serialize_index(index).nbytes)
+
+
+def ndcg_at_10(top: np.ndarray, doc_ids: list[str], qids: list[str], qrels: dict[str, set[str]]) -> float:
+    scores = []
+    for qi, qid in enumerate(qids):
+        rel = qrels[qid]
+        ranked = [doc_ids[j] for j in top[qi][:10] if j >= 0]
+        dcg = sum(1.0 / math.log2(r + 2) for r, doc in enumerate(ranked) if doc in rel)
+        idcg = sum(1.0 / math.log2(r + 2) for r in range(min(len(rel), 10)))
+        scores.append(dcg / idcg)
+    return float(np.mean(scores))
+
+
+def recall_at_10(top: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a[a >= 0]) & set(b)) / K for a, b in zip(top, truth, strict=True)]))
+
+
+def search_excluding_self(index, q: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
+    _, idx = index.search(q, K + 1)
+    out = np.full((len(q), K), -1, dtype=np.int64)
+    for i, row in enumerate(idx):
+        row = row[row != self_ids[i]][:K]
+        out[i, : len(row)] = row
+    return out
+
+
+def median_search_us(index, q: np.ndarray, reps: int = 200) -> float:
+    """Median wall time of a single-query search (what one recommendation request pays)."""
+    n = min(reps, len(q))
+    ts = []
+    for i in range(n):
+        t = time.perf_counter()
+        index.search(q[i: i + 1], K + 1)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e6)
+
+
+def median_encode_ms(encoder, texts: list[str], reps: int = 50) -> float:
+    encoder.encode(texts[:2], batch_size=1)  # warm-up
+    ts = []
+    for t in texts[:reps]:
+        s = time.perf_counter()
+        encoder.encode([t], batch_size=1)
+        ts.append(time.perf_counter() - s)
+    return float(np.median(ts) * 1e3)
+
+
+def cached_embeddings(encoder, texts: list[str], tag: str, key: str) -> np.ndarray:
+    h = hashlib.sha256(("\n".join(texts) + "\x00" + key).encode()).hexdigest()[:16]
+    path = CACHE / f"{tag}-{h}.npy"
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    emb = encoder.encode(texts, batch_size=32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, emb, allow_pickle=False)
+    return emb
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def run(args) -> dict:
+    import faiss
+    import torch
+
+    from encoder.evaluate import DEFAULT_SCIFACT, catalog_texts, encode_cached, read_scifact
+    from encoder.loading import default_base_model, load_encoder
+
+    torch.set_num_threads(THREADS)
+    faiss.omp_set_num_threads(THREADS)
+    base = default_base_model()
+    fp = load_encoder(base)
+    fp.name = "full-precision:" + Path(base).name  # the key encoder.evaluate caches under
+    tern = load_encoder(args.ternary)
+    tkey = "ternary:" + file_sha(Path(args.ternary) / "model.safetensors")
+
+    doc_ids, docs, qids, queries, qrels = read_scifact(DEFAULT_SCIFACT)
+    item_ids, item_texts, _ = catalog_texts()
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(item_texts), size=args.catalog_queries, replace=False))
+    sample_texts = [item_texts[i] for i in sample]
+
+    def corpus(model, texts, tag):
+        if model is fp:
+            return encode_cached(fp, texts, tag, True)
+        return cached_embeddings(tern, texts, tag, tkey)
+
+    emb = {}
+    for label, model in (("full precision", fp), ("ternary", tern)):
+        print(f"encoding corpora with {label} ...", flush=True)
+        emb[label] = {
+            "scifact_docs": corpus(model, docs, "scifact-corpus"),
+            "scifact_queries": corpus(model, queries, "scifact-test-queries"),
+            "catalog": corpus(model, item_texts, "catalog"),
+            # Queries are encoded from text, as a new item would be (not read back from the index).
+            "catalog_queries": model.encode(sample_texts, batch_size=32),
+        }
+    fp_cat = emb["full precision"]["catalog"]
+    exact = faiss.IndexFlatIP(fp_cat.shape[1])
+    exact.add(fp_cat)
+    truth = search_excluding_self(exact, fp_cat[sample], sample)
+
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": THREADS,
+                    "ternary_model": args.ternary, "catalog_queries": int(len(sample)),
+                    "scifact_queries": len(qids), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+                    "encode_ms_per_query": {}, "results": []}
+    for label, model in (("full precision", fp), ("ternary", tern)):
+        report["encode_ms_per_query"][label] = {
+            "scifact": median_encode_ms(model, queries), "catalog": median_encode_ms(model, sample_texts)}
+    for label in ("full precision", "ternary"):
+        e = emb[label]
+        for dataset in ("scifact", "catalog"):
+            corpus_x = e["scifact_docs"] if dataset == "scifact" else e["catalog"]
+            q = e["scifact_queries"] if dataset == "scifact" else e["catalog_queries"]
+            for kind in INDEXES:
+                t = time.perf_counter()
+                index = build_index(kind, corpus_x)
+                build_s = time.perf_counter() - t
+                if dataset == "scifact":
+                    _, top = index.search(q, K)
+                    quality = {"ndcg@10": ndcg_at_10(top, doc_ids, qids, qrels)}
+                else:
+                    quality = {"recall@10_vs_exact_fp": recall_at_10(search_excluding_self(index, q, sample),
+                                                                     truth)}
+                search_us = median_search_us(index, q)
+                enc_ms = report["encode_ms_per_query"][label][dataset]
+                row = {"dataset": dataset, "embeddings": label, "index": kind, **quality,
+                       "search_us_per_query": search_us, "encode_ms_per_query": enc_ms,
+                       "queries_per_s_end_to_end": 1.0 / (enc_ms / 1e3 + search_us / 1e6),
+                       "search_only_queries_per_s": 1e6 / search_us,
+                       "index_bytes": index_bytes(index), "build_s": build_s, "corpus": int(len(corpus_x))}
+                report["results"].append(row)
+                print(json.dumps(row), flush=True)
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = ["## ANN", "",
+             f"Generated by `python -m bench.ann` ({report['date']}; {report['threads']} threads; ternary model "
+             f"`{report['ternary_model']}`; load average at start {report['loadavg_start']}). Query = text "
+             "encoded at batch 1, then one FAISS search; queries/s = 1 / (median encode + median search). "
+             f"SciFact: {report['scifact_queries']} test claims over 5,183 abstracts, nDCG@10. Catalog: "
+             f"{report['catalog_queries']} sampled books encoded from their text, recall@10 against the exact "
+             "full-precision neighbours over 10,000 books (the book itself excluded).", "",
+             "| dataset | embeddings | index | quality | search µs/query | encode ms/query | end-to-end queries/s "
+             "| index MB | build s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        q = r.get("ndcg@10", r.get("recall@10_vs_exact_fp"))
+        qname = "nDCG@10" if "ndcg@10" in r else "R@10"
+        lines.append(f"| {r['dataset']} | {r['embeddings']} | {r['index']} | {qname} {q:.4f} | "
+                     f"{r['search_us_per_query']:.0f} | {r['encode_ms_per_query']:.2f} | "
+                     f"{r['queries_per_s_end_to_end']:.1f} | {r['index_bytes'] / 1e6:.2f} | {r['build_s']:.2f} |")
+    if report.get("conclusion"):
+        lines += ["", report["conclusion"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from bench.speed import write_section
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ternary", default=str(REPO_ROOT / "models" / "ternary-minilm"))
+    p.add_argument("--catalog-queries", type=int, default=1000)
+    p.add_argument("--conclusion", default="", help="text appended under the table (the index choice)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "ann.json")
+    p.add_argument("--markdown", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
+    args = p.parse_args()
+    report = run(args)
+    report["conclusion"] = args.conclusion
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_section(markdown(report), "## ANN", args.markdown)
+    print(markdown(report))
+    print(f"wrote {args.out} and the ANN section of {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
