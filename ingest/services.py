@@ -452,6 +452,7 @@ class _PortInUse(Exception):
 
 def _cluster_id() -> str:
     # Kafka cluster ids are a UUID in URL-safe base64 without padding (what `random-uuid` prints).
+    # One in 64 starts with "-": passed as `--cluster-id=...` so the tool never takes it for a flag.
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
 
 
@@ -577,7 +578,7 @@ class LocalKafka(_Service):
         cmd = [
             # C1 only: a short-lived tool gains nothing from C2 and starts ~2x faster without it.
             "java", "-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp", f"{libs}/*", *self._jvm_props(),
-            "kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(props),
+            "kafka.tools.StorageTool", "format", f"--cluster-id={self.cluster_id}", "-c", str(props),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.data_dir, timeout=120)
         if proc.returncode != 0:

@@ -200,3 +200,12 @@ def test_losing_the_free_port_race_retries_on_another_port(make_redis, monkeypat
         assert server.port != taken and "Address already in use" in server.log_path.read_text()
         with server.client() as r:
             assert int(r.info("server")["process_id"]) == server.pid
+
+
+def test_kafka_formats_with_a_cluster_id_that_starts_with_a_dash(monkeypatch, kafka):
+    """One random id in 64 starts with '-'; the storage tool must not read it as a flag."""
+    import ingest.services
+
+    monkeypatch.setattr(ingest.services, "_cluster_id", lambda: "-" + "A" * 21)
+    with LocalKafka(Settings()) as broker:
+        assert broker.cluster_id == "-" + "A" * 21 and broker.running
