@@ -74,8 +74,9 @@ class WorkerStats:
 
 class EncoderWorker:
     def __init__(self, event_log: EventLog, store: Store, encoder: Encoder, settings: Settings,
-                 group: str = WORKER_GROUP):
+                 group: str = WORKER_GROUP, metrics=None):
         self.settings = settings
+        self.metrics = metrics  # recommender.metrics.Metrics when in the service's process
         self.store = store
         self.encoder = encoder
         self.consumer = EventConsumer(event_log, settings, [settings.topic_item_events], group)
@@ -96,6 +97,8 @@ class EncoderWorker:
                 if timeout_ms <= 0:
                     break
             got = self.consumer.poll(max_records=self.settings.max_batch - len(batch), timeout_ms=timeout_ms)
+            if self.metrics is not None:
+                self.metrics.report_lag(self.settings.topic_item_events, self.consumer.consumer)
             for record, event in got:
                 if isinstance(event, (ItemUpsert, ItemDelete)):
                     batch.append((record, event))

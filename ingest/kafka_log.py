@@ -262,6 +262,14 @@ class KafkaLogConsumer:
         for tp, om in offsets.items():
             self._committed[tp] = om.offset
 
+    def lag(self) -> int:
+        """Records in this member's partitions that poll has not returned yet (one broker call)."""
+        parts = list(self._consumer.assignment() or ())
+        if not parts:
+            return 0
+        ends = self._consumer.end_offsets(parts)
+        return sum(max(0, ends[tp] - self._consumer.position(tp)) for tp in parts)
+
     def assignment(self) -> set[tuple[str, int]]:
         """The (topic, partition) pairs this member owns now."""
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment() or ()}

@@ -207,6 +207,11 @@ class InProcessConsumer:
             for tp, pos in positions.items():
                 committed[tp] = max(committed.get(tp, 0), pos)
 
+    def lag(self) -> int:
+        with self.log._lock:
+            return sum(self.log._topics[t].partitions[p].next_offset - pos
+                       for (t, p), pos in self.assignment.items())
+
     def close(self) -> None:
         self._closed = True
         self.log._leave(self)

@@ -34,6 +34,7 @@ class Selection:
     limit: int | None = None  # items
     users: int | None = None  # users whose interactions are replayed (None = all; 0 = none)
     interleave: bool = False
+    first_user: str | None = None  # this user's books come first (a demo's default user)
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -57,6 +58,10 @@ class Summary:
 
 def selected_events(selection: Selection) -> list[Event]:
     items = load_items()[: selection.limit]
+    if selection.first_user is not None:
+        pairs = load_interactions()
+        theirs = set(pairs.item_id[pairs.user_id == selection.first_user])
+        items = sorted(items, key=lambda item: item.item_id not in theirs)  # stable: theirs first
     item_events = [item.to_event() for item in items]
     if selection.users == 0:
         return list(item_events)

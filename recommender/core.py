@@ -82,7 +82,9 @@ class Recommender:
                 hits = self.index.search(query / np.linalg.norm(query), k, exclude=profile.seen)
         if hits is None:  # nothing to go on yet: the most popular unseen items
             with timer.stage("popular"):
-                hits = [(i, s) for i, s in self.store.popular(k, exclude=profile.seen) if i in self.index]
+                # Extra candidates: the most popular books may not all be indexed yet.
+                hits = [(i, s) for i, s in self.store.popular(k + 200, exclude=profile.seen)
+                        if i in self.index][:k]
             strategy = "popular"
         else:
             strategy = "profile"
@@ -160,8 +162,8 @@ class IndexUpdater:
         self.index = index
         self.metrics = metrics
         # A group of its own per replica: every replica must see every change.
-        self.consumer = event_log.consumer([settings.topic_item_embeddings],
-                                           group or f"recommender-{uuid.uuid4().hex[:12]}")
+        self.topic = settings.topic_item_embeddings
+        self.consumer = event_log.consumer([self.topic], group or f"recommender-{uuid.uuid4().hex[:12]}")
         self.ready = threading.Event()
 
     def bootstrap(self) -> int:
@@ -178,6 +180,7 @@ class IndexUpdater:
 
     def step(self, timeout_ms: int = 100) -> int:
         records = self.consumer.poll(max_records=2000, timeout_ms=timeout_ms)
+        self.metrics.report_lag(self.topic, self.consumer)
         if not records:
             self.ready.set()  # caught up with the topic
             return 0

@@ -25,6 +25,7 @@ from ingest.settings import Settings
 from recommender.runtime import Runtime
 
 UI_APP = Path(__file__).resolve().parent.parent / "ui" / "app.py"
+DEFAULT_USER = "1"  # the user the UI opens on
 
 
 def start_http(runtime: Runtime, settings: Settings):
@@ -67,33 +68,39 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     began = time.perf_counter()
     settings = Settings(kafka_bootstrap="", redis_url="")
-    print("loading the encoder ...", flush=True)
-    runtime = Runtime(settings, with_workers=True)
-    print(f"encoder: {runtime.encoder.name} (dim {runtime.encoder.dim})", flush=True)
-    runtime.start()
-    start_http(runtime, settings)
+    # The UI first: it shows "starting" while the model loads, instead of a refused connection.
     ui = None if args.no_ui else start_ui(settings)
-    print(f"recommender API: {settings.resolved_service_url}", flush=True)
-    if ui:
-        print(f"UI:              http://{settings.http_host}:{settings.ui_port}", flush=True)
+    runtime = None
+    try:
+        print("loading the encoder ...", flush=True)
+        runtime = Runtime(settings, with_workers=True)
+        print(f"encoder: {runtime.encoder.name} (dim {runtime.encoder.dim})", flush=True)
+        runtime.start()
+        start_http(runtime, settings)
+        print(f"recommender API: {settings.resolved_service_url}", flush=True)
+        if ui:
+            print(f"UI:              http://{settings.http_host}:{settings.ui_port}", flush=True)
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    # Interleaved: each user's interactions follow their books, so recommendations appear early.
-    events = selected_events(Selection(limit=args.limit, users=args.users, interleave=True))
-    summary = replay(runtime.event_log, settings, events, progress=True)
-    print(summary, flush=True)
-    items = sum(1 for e in events if e.type == "item_upsert")
-    wait_until_indexed(runtime, items, stop)
-    print(f"ready: {len(runtime.index)} items searchable, {time.perf_counter() - began:.1f} s after start",
-          flush=True)
-    stop.wait()
-    if ui:
-        ui.terminate()
-        ui.wait(timeout=10)
-    runtime.stop()
-
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        # Interleaved, each user's interactions after their books, and the books of the UI's
+        # default user first: a personal list appears within seconds, not after the catalog.
+        events = selected_events(Selection(limit=args.limit, users=args.users, interleave=True,
+                                           first_user=DEFAULT_USER))
+        summary = replay(runtime.event_log, settings, events, progress=True)
+        print(summary, flush=True)
+        items = sum(1 for e in events if e.type == "item_upsert")
+        wait_until_indexed(runtime, items, stop)
+        print(f"ready: {len(runtime.index)} items searchable, {time.perf_counter() - began:.1f} s after start",
+              flush=True)
+        stop.wait()
+    finally:
+        if ui:
+            ui.terminate()
+            ui.wait(timeout=10)
+        if runtime:
+            runtime.stop()
 
 if __name__ == "__main__":
     main()

@@ -61,8 +61,10 @@ class Metrics:
         self.events_rejected = Counter("ternrec_events_rejected_total", "events rejected by POST /events",
                                        registry=self.registry)
         self.index_size = Gauge("ternrec_index_size", "distinct searchable items", registry=self.registry)
-        self.consumer_lag = Gauge("ternrec_item_embeddings_lag", "item-embeddings records not yet applied",
-                                  registry=self.registry)
+        self.consumer_lag = Gauge("ternrec_consumer_lag", "records not yet consumed, by topic",
+                                  ["topic"], registry=self.registry)
+        self._lags: dict[str, int] = {}
+        self._lag_checked: dict[str, float] = {}
         self._lock = threading.Lock()
         self._queries: dict[str, deque] = {}
         self._freshness: deque = deque(maxlen=WINDOW)
@@ -88,6 +90,17 @@ class Metrics:
             self._freshness.extend((now, f * 1000) for f in freshness)
             self._updates.append((now, len(freshness)))
 
+    def report_lag(self, topic: str, consumer, every_s: float = 1.0) -> None:
+        """Records a consumer's lag, at most once per `every_s` (it can cost a broker call)."""
+        now = time.monotonic()
+        if now - self._lag_checked.get(topic, 0.0) < every_s:
+            return
+        self._lag_checked[topic] = now
+        lag = consumer.lag()
+        self.consumer_lag.labels(topic).set(lag)
+        with self._lock:
+            self._lags[topic] = lag
+
     def snapshot(self, window_s: float = 60.0) -> dict:
         """Percentiles over the last `window_s` seconds, for the UI and the benchmarks."""
         since = time.time() - window_s
@@ -100,7 +113,9 @@ class Metrics:
             names = sorted({s for row in rows for s in row})
             stages[endpoint] = {s: percentiles([row[s] for row in rows if s in row]) for s in names}
             stages[endpoint]["count"] = len(rows)
-        return {"window_s": window_s, "freshness_ms": percentiles(fresh),
+        with self._lock:
+            lags = dict(self._lags)
+        return {"window_s": window_s, "consumer_lag": lags, "freshness_ms": percentiles(fresh),
                 "freshness_count": len(fresh), "index_updates_per_s": round(updates / window_s, 2),
                 "query_latency_ms": stages}
 

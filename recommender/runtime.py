@@ -44,7 +44,7 @@ class Runtime:
         self.producer = EventProducer(self.event_log, settings)
         self.recommender = Recommender(self.store, self.index, self.producer, settings, self.metrics)
         self.index_updater = IndexUpdater(self.event_log, self.store, self.index, settings, self.metrics)
-        self.worker = EncoderWorker(self.event_log, self.store, self.encoder, settings) \
+        self.worker = EncoderWorker(self.event_log, self.store, self.encoder, settings, metrics=self.metrics) \
             if self.with_workers else None
         self.profiles = ProfileUpdater(self.event_log, self.store, settings) if self.with_workers else None
         self._stop = threading.Event()

@@ -62,7 +62,8 @@ def _panel() -> None:
         return
     rates = _rates(metrics)
     fresh = stats.get("freshness_ms", {})
-    lag = stats.get("consumer_lag")  # shown only when the service measures it
+    lags = stats.get("consumer_lag") or {}  # topic -> records not yet consumed, when measured
+    lag = sum(lags.values()) if lags else None
     cols = st.columns(6)
     cols[0].metric("Searchable items", f"{health.get('index_size', stats.get('index_size', 0)):,}")
     cols[1].metric(f"Index updates/s ({WINDOW_S:.0f} s)", f"{stats.get('index_updates_per_s', 0):,.1f}")
@@ -71,8 +72,9 @@ def _panel() -> None:
     cols[3].metric("Freshness p50", fmt_ms(fresh.get("p50")), help="item event produced → searchable")
     cols[4].metric("Freshness p99", fmt_ms(fresh.get("p99")))
     cols[5].metric("Consumer lag", "n/a" if lag is None else f"{lag:,.0f}",
-                   help="item-embeddings records not yet applied to the index"
-                   + (" (this service does not report it)" if lag is None else ""))
+                   help="records not yet consumed: "
+                   + (", ".join(f"{topic} {n:,}" for topic, n in lags.items()) if lags
+                      else "not reported yet"))
     api_rate = rates["API events"]
     st.caption(f"Service {health.get('status', '?')} · {stats.get('freshness_count', 0):,} index updates in the "
                f"last {WINDOW_S:.0f} s · events via POST /events: "
