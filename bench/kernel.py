@@ -191,7 +191,8 @@ def markdown(report: dict) -> str:
     lines = [
         "## Kernel",
         "",
-        "Packed ternary GEMM (`encoder/kernel`, tq2k layout, int8 per-row activations) vs torch float32 "
+        "Packed ternary GEMM (`encoder/kernel`, tq2k layout; int8 activations with one scale per row and 64 "
+        "inputs; `tq2k_avx512f32` keeps activations float, for comparison) vs torch float32 "
         "(`nn.Linear`) and torch int8 dynamic (`quantize_dynamic`), GOP/s = 2·rows·in·out / time; shapes are "
         f"in×out; {report['cpu']}, kernel paths {report['kernel_paths']}. Every candidate is the module the "
         "encoder calls, so per-call Python overhead is included (it dominates at 1 row).",
@@ -201,7 +202,11 @@ def markdown(report: dict) -> str:
         f"**{report['threads']} threads, wall clock**: median of {report['reps']} interleaved repetitions; ×fp32 is "
         "the median of same-repetition ratios. The machine was shared: load average "
         f"{report['loadavg_start'][0]:.1f} at start, {report['loadavg_end'][0]:.1f} at the end, on 2 cores, so "
-        "absolute figures here are depressed and noisy.",
+        "absolute figures here are depressed and noisy. Under such load torch's 2-thread figures collapse "
+        "(compare its 1-thread CPU-time figures below), which we attribute to its OpenMP regions joining on a "
+        "preempted thread; the kernel's own pool never waits for a helper that has not started "
+        "(encoder/kernel/tq2k_pool.c; with OpenMP the same kernel measured 2-50x slower here). So the large "
+        "ratios in this table measure that robustness, not arithmetic; the table below does.",
         "",
         *_table(report, "candidates"),
         "",
@@ -211,7 +216,8 @@ def markdown(report: dict) -> str:
         *_table(report, "one_thread_cpu_time"),
         "",
         "**Memory**, MiniLM's 36 linear layers built in a fresh process each (packed: `PackedTernaryLinear`; "
-        "float32: `nn.Linear`):",
+        "float32: `nn.Linear`) and called once; the RSS increase also holds each runtime's first-call "
+        "set-up (thread stacks, allocator arenas), hence more than the tensors:",
         "",
         "| | weight bytes | all layer tensors (incl. scale, bias) | process RSS increase |",
         "|---|---|---|---|",

@@ -58,8 +58,8 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     a.x = (const float *)x; a.rows = rows; a.K = K; a.N = N; a.kpad = (K + 15) / 16 * 16;
     a.w = (const uint8_t *)w; a.scale = (const float *)scale; a.bias = bias ? (const float *)bias : NULL;
     a.y = (float *)y;
-    /* Below ~1M MACs (a few microseconds on one core, e.g. any single row) waking a second thread costs
-     * more than it saves, and on a loaded machine the join can wait a whole scheduler slice. */
+    /* Below ~1M MACs (a few microseconds on one core, e.g. any single row) handing work to a helper thread
+     * costs more than it saves. */
     a.threads = (double)rows * N * a.kpad < 1048576.0 ? 1 : threads;
     a.q = (int8_t *)malloc((size_t)rows * a.kpad + 64);
     a.groups = (a.kpad + TQ2K_GROUP - 1) / TQ2K_GROUP;
