@@ -205,7 +205,8 @@ def markdown(report: dict) -> str:
         "absolute figures here are depressed and noisy. Under such load torch's 2-thread figures collapse "
         "(compare its 1-thread CPU-time figures below), which we attribute to its OpenMP regions joining on a "
         "preempted thread; the kernel's own pool never waits for a helper that has not started "
-        "(encoder/kernel/tq2k_pool.c; with OpenMP the same kernel measured 2-50x slower here). So the large "
+        "(encoder/kernel/tq2k_pool.c; with OpenMP this kernel's 2-thread calls measured 2-60x slower than its "
+        "1-thread calls in the same run, with the pool 0.5-1.25x). So the large "
         "ratios in this table measure that robustness, not arithmetic; the table below does.",
         "",
         *_table(report, "candidates"),
