@@ -22,6 +22,8 @@ class PackedTernaryLinear(nn.Module):
                  bias: torch.Tensor | None = None, path: str | None = None):
         super().__init__()
         packed = np.ascontiguousarray(np.asarray(packed).reshape(-1))
+        if not packed.flags.writeable:  # torch.from_numpy wants writable memory (e.g. np.frombuffer of bytes)
+            packed = packed.copy()
         if packed.dtype != np.uint8:
             raise TypeError(f"packed must be uint8, got {packed.dtype}")
         if packed.size != packed_nbytes(out_features, in_features):

@@ -162,6 +162,10 @@ def test_packed_linear_keeps_callers_bytes_and_rejects_bad_shapes():
         PackedTernaryLinear(packed, 48, 16, torch.ones(15), None)
     with pytest.raises(ValueError), torch.inference_mode():
         layer(torch.zeros(2, 47))
+    frozen = np.frombuffer(packed.tobytes(), np.uint8)  # read-only bytes, as from a file
+    with torch.inference_mode():
+        x = torch.randn(3, 48)
+        torch.testing.assert_close(PackedTernaryLinear(frozen, 48, 16, torch.ones(16), None)(x), layer(x))
 
 
 def test_concurrent_callers_and_fork():
