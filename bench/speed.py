@@ -6,6 +6,7 @@ Runtimes, all on the same texts in the same run, 2 threads each:
   ort-fp32         ONNX export of the same base model, ORT transformer fusions, ORT_ENABLE_ALL
   ort-int8         onnxruntime dynamic quantization (int8 weights, uint8 activations) of ort-fp32
   ternary-packed   the packed ternary model (encoder.ternary_model, native 2-bit kernel)
+  ternary-packed-int4emb  the same, token-embedding table stored and kept in 4 bits (per-row scales)
   ternary-ref      the same ternary model through float matmuls of the unpacked weights (isolates the
                    kernel's share from the lean forward's share)
 Each runtime lives in its own worker subprocess (honest peak RSS: VmHWM of that process), driven
@@ -38,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = (REPO_ROOT / ".." / "shared" / "data" / "scifact").resolve()
 CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec"))
 DEFAULT_TERNARY = REPO_ROOT / "models" / "ternary-minilm"
-RUNTIMES = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ternary-packed", "ternary-ref")
+RUNTIMES = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ternary-packed", "ternary-packed-int4emb",
+            "ternary-ref")
 THREADS = 2
 MAX_LEN = 256
 
@@ -184,8 +186,9 @@ def build_runtime(runtime: str, base: str, ternary: str) -> tuple[object, dict]:
         enc = SentenceTransformerEncoder(base)
         enc.model.eval()
         hf = enc.model[0].auto_model
-        linears = [m for m in hf.modules() if isinstance(m, torch.nn.Linear)]
-        params = sum(p.nbytes for p in hf.parameters())
+        # The encoder's Linears only: HF adds an untrained pooler that mean pooling never uses.
+        linears = [m for m in hf.encoder.modules() if isinstance(m, torch.nn.Linear)]
+        params = sum(p.nbytes for n, p in hf.named_parameters() if not n.startswith("pooler."))
         lin_bytes = sum(m.weight.nbytes for m in linears)
         info["file_bytes"] = (Path(base) / "model.safetensors").stat().st_size
         if runtime == "torch-fp32":
@@ -205,7 +208,9 @@ def build_runtime(runtime: str, base: str, ternary: str) -> tuple[object, dict]:
         return OrtEncoder(path, base), info
     from encoder.ternary_model import load_ternary_encoder, model_file_bytes
 
-    enc = load_ternary_encoder(ternary, backend="packed" if runtime == "ternary-packed" else "reference")
+    if runtime == "ternary-packed-int4emb":
+        ternary = str(int4_variant(Path(ternary)))
+    enc = load_ternary_encoder(ternary, backend="reference" if runtime == "ternary-ref" else "packed")
     nb = enc.nbytes()
     info.update(linear_weight_bytes=nb["linear"], model_bytes_in_memory=nb["total"],
                 memory_breakdown=nb, backend=enc.backend,
@@ -288,7 +293,7 @@ class HFTreePackedEncoder:
     """Baseline for the lean forward: sentence-transformers' module tree (HF BertModel, its masks,
     three Q/K/V calls, ST's tokenizer and pooling) with every Linear swapped for PackedTernaryLinear."""
 
-    def __init__(self, ternary: str, base: str):
+    def __init__(self, ternary: str, base: str, torch_threads: int = THREADS):
         import torch
         from safetensors.torch import load_file
         from sentence_transformers import SentenceTransformer
@@ -315,11 +320,18 @@ class HFTreePackedEncoder:
             parent, _, child = name.rpartition(".")
             setattr(hf.get_submodule(parent), child, new)
         self._torch = torch
+        self.torch_threads = torch_threads
 
     def encode(self, texts, batch_size=32):
-        with self._torch.inference_mode():
-            return self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                                     normalize_embeddings=True, show_progress_bar=False)
+        torch = self._torch
+        prev = torch.get_num_threads()
+        torch.set_num_threads(self.torch_threads)
+        try:
+            with torch.inference_mode():
+                return self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                         normalize_embeddings=True, show_progress_bar=False)
+        finally:
+            torch.set_num_threads(prev)
 
 
 def forward_ablation(ternary: str, base: str, texts: dict, rounds: int) -> dict:
@@ -329,13 +341,18 @@ def forward_ablation(ternary: str, base: str, texts: dict, rounds: int) -> dict:
     from encoder.ternary_model import TernaryEncoder
 
     torch.set_num_threads(THREADS)
+    # A subset: the slowest variants run at a few sentences/s on a loaded machine.
+    texts = {"short": texts["short"][:64], "long": texts["long"][:16]}
+    # Kernel: 2 OpenMP threads throughout; "torch N" = torch's intra-op threads for everything else.
     variants = {
-        "HF module tree (sentence-transformers)": HFTreePackedEncoder(ternary, base),
-        "lean forward, separate Q/K/V, always masked": TernaryEncoder(ternary, "packed", fuse_qkv=False,
-                                                                      mask_free_when_unpadded=False),
-        "lean forward, fused QKV, always masked": TernaryEncoder(ternary, "packed",
-                                                                 mask_free_when_unpadded=False),
-        "lean forward, fused QKV, no mask when unpadded (default)": TernaryEncoder(ternary, "packed"),
+        "HF module tree (sentence-transformers), torch 2": HFTreePackedEncoder(ternary, base, 2),
+        "HF module tree, torch 1": HFTreePackedEncoder(ternary, base, 1),
+        "lean forward, separate Q/K/V, always masked, torch 1": TernaryEncoder(
+            ternary, "packed", fuse_qkv=False, mask_free_when_unpadded=False, torch_threads=1),
+        "lean, fused QKV, always masked, torch 1": TernaryEncoder(
+            ternary, "packed", mask_free_when_unpadded=False, torch_threads=1),
+        "lean, fused QKV, no mask when unpadded, torch 1 (default)": TernaryEncoder(ternary, "packed"),
+        "lean, fused QKV, no mask when unpadded, torch 2": TernaryEncoder(ternary, "packed", torch_threads=2),
     }
     ref = None
     for enc in variants.values():
@@ -360,6 +377,20 @@ def forward_ablation(ternary: str, base: str, texts: dict, rounds: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+
+def int4_variant(ternary: Path) -> Path:
+    """The model with its token-embedding table in 4 bits (cached copy; the model itself is unchanged)."""
+    from encoder.ternary_model import convert_token_embedding
+
+    cfg = json.loads((ternary / "config.json").read_text())
+    if cfg["token_embedding"]["storage"] == "int4":
+        return ternary
+    key = (ternary / "model.safetensors").stat()
+    out = CACHE / "bench" / f"{ternary.name}-{key.st_size}-{int(key.st_mtime)}-int4emb"
+    if not (out / "config.json").is_file():
+        convert_token_embedding(ternary, out, "int4")
+    return out
+
 
 def random_ternary_model(base: str) -> Path:
     """A randomly ternarized base model (row_opt codes of the float weights), saved through our format."""
@@ -403,18 +434,21 @@ def markdown(report: dict) -> str:
     if ratio:
         lines += ["", "Packed ternary vs ONNX Runtime int8 (same-run ratio of sentences/s): "
                   + ", ".join(f"{k} {v:.2f}×" for k, v in ratio.items()) + "."]
-    fp = report.get("footprint_vs_fp32")
-    if fp:
-        lines += ["", "Footprint of the packed ternary model against float32: "
-                  + ", ".join(f"{k} {v:.4f}×" for k, v in fp.items()) + "."]
+    for name, fp in (report.get("footprint_vs_fp32") or {}).items():
+        lines += ["", f"Footprint of {name} against torch-fp32 (float32): "
+                  + ", ".join(f"{k} {v:.4f}× (1/{1 / v:.1f})" for k, v in fp.items()) + "."]
+    lines += ["", "Linear weights = the 36 encoder Linears (weights; for ternary also the per-row scales and "
+              "biases). Model in memory = the tensors the runtime holds for inference (torch-int8: int8 "
+              "Linear weights + float rest; ORT: not measured, see file and RSS). Model file for ternary with "
+              "`token_embedding: base` counts the float32 table it reads from the base model."]
     lines += ["", "Peak RSS includes the Python interpreter, torch/onnxruntime libraries and the tokenizer "
               "(each runtime in its own process). `cos to fp32` = mean cosine of the short-text embeddings "
               "to torch-fp32 (sanity check; the ternary model's quality is in the Quality section)."]
     abl = report.get("forward_ablation")
     if abl:
         lines += ["", "### The rest of the forward pass (packed ternary, same kernel)", "",
-                  "Each change measured in one process, variants interleaved; sentences/s (median) and the "
-                  "same-round speed-up over the HF module tree.", "",
+                  "Each change measured in one process, variants interleaved, on the first 64 short and 16 long "
+                  "texts; sentences/s (median) and the same-round speed-up over the first row.", "",
                   "| forward | " + " | ".join(f"{s} b{b}" for s, b in cols) + " |", "|---|" + "---|" * len(cols)]
         for v, r in abl.items():
             lines.append(f"| {v} | " + " | ".join(
@@ -469,6 +503,8 @@ def main() -> None:
         ternary = random_ternary_model(base)
     if any(r.startswith("ort") for r in args.runtimes.split(",")):
         onnx_paths(base)  # export once, outside the timed workers
+    if "ternary-packed-int4emb" in args.runtimes:
+        int4_variant(ternary)  # convert once, before the workers start
     texts = {"short": short_texts(args.n_short), "long": long_texts(args.n_long)}
     texts_file = CACHE / "bench" / "speed-texts.json"
     texts_file.parent.mkdir(parents=True, exist_ok=True)
@@ -518,12 +554,13 @@ def main() -> None:
         report["ternary_vs_ort_int8"] = {
             k: float(np.median(np.array(times["ternary-packed"][k]) / np.array(times["ort-int8"][k])))
             for k in times["ternary-packed"]}
-    if "ternary-packed" in rs and "torch-fp32" in rs:
-        t, f = rs["ternary-packed"], rs["torch-fp32"]
-        report["footprint_vs_fp32"] = {
-            "linear weights in memory": t["linear_weight_bytes"] / f["linear_weight_bytes"],
-            "whole model in memory": t["model_bytes_in_memory"] / f["model_bytes_in_memory"],
-            "model file": t.get("file_bytes_with_base_embedding", t["file_bytes"]) / f["file_bytes"]}
+    for name in ("ternary-packed", "ternary-packed-int4emb"):
+        if name in rs and "torch-fp32" in rs:
+            t, f = rs[name], rs["torch-fp32"]
+            report.setdefault("footprint_vs_fp32", {})[name] = {
+                "linear weights in memory": t["linear_weight_bytes"] / f["linear_weight_bytes"],
+                "whole model in memory": t["model_bytes_in_memory"] / f["model_bytes_in_memory"],
+                "model file": t.get("file_bytes_with_base_embedding", t["file_bytes"]) / f["file_bytes"]}
     if args.ablation_rounds:
         # In a child process: keeps this process's memory and threads out of the way.
         out = CACHE / "bench" / "ablation.json"

@@ -398,8 +398,11 @@ class TernaryEncoder:
     """A ternary BERT sentence encoder: `.encode(texts, batch_size) -> (n, dim) L2-normalized float32`."""
 
     def __init__(self, path: str | os.PathLike, backend: str = "packed", fuse_qkv: bool = True,
-                 mask_free_when_unpadded: bool = True):
-        """`fuse_qkv` and `mask_free_when_unpadded` exist to measure what they buy (bench.speed)."""
+                 mask_free_when_unpadded: bool = True, torch_threads: int | None = -1):
+        """`fuse_qkv`, `mask_free_when_unpadded` and `torch_threads` exist to measure what they buy
+        (bench.speed). `torch_threads` = torch's intra-op threads during encode: -1 = 1 with the packed
+        kernel (which runs its own OpenMP pool: two pools spinning on 2 cores starve each other, measured
+        up to 60x slower at batch 1), unchanged with the reference backend; None = leave torch alone."""
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
 
@@ -429,6 +432,7 @@ class TernaryEncoder:
         cls = _packed_linear_class() if backend == "packed" else None
         self.backend = "packed" if cls is not None else "reference"
         self.mask_free_when_unpadded = mask_free_when_unpadded
+        self.torch_threads = (1 if self.backend == "packed" else None) if torch_threads == -1 else torch_threads
         layout = cfg["linear"]["packing"]
 
         def codes_of(name: str) -> np.ndarray:
@@ -546,6 +550,17 @@ class TernaryEncoder:
         ids = self.tokenize(texts)
         # Length-sorted batches: little padding, so little wasted compute on long texts.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        prev_threads = torch.get_num_threads()
+        if self.torch_threads and self.torch_threads != prev_threads:
+            torch.set_num_threads(self.torch_threads)
+        try:
+            self._encode_sorted(ids, order, batch_size, out)
+        finally:
+            if torch.get_num_threads() != prev_threads:
+                torch.set_num_threads(prev_threads)
+        return out
+
+    def _encode_sorted(self, ids: list[list[int]], order: list[int], batch_size: int, out: np.ndarray) -> None:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
@@ -559,7 +574,6 @@ class TernaryEncoder:
                     torch.from_numpy(np.arange(seq)[None, :] < lengths[:, None])
                 pooled = self.forward(torch.from_numpy(arr), mask)
                 out[chunk] = F.normalize(pooled, dim=-1).numpy()
-        return out
 
 
 def load_ternary_encoder(path: str | os.PathLike, backend: str = "packed") -> TernaryEncoder:
@@ -571,3 +585,65 @@ def model_file_bytes(path: str | os.PathLike) -> dict[str, int]:
     path = Path(path)
     files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
     return {"model.safetensors": files.get(WEIGHTS_FILE, 0), "all_files": sum(files.values())}
+
+
+def convert_token_embedding(src: str | os.PathLike, dst: str | os.PathLike, storage: str) -> Path:
+    """Copies a model directory, re-storing its token-embedding table as `storage` ("base", "float32",
+    "int8" or "int4"); everything else is copied bit for bit. Quantizing twice is refused."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    cfg = json.loads(_require(src, CONFIG_FILE).read_text())
+    tensors = load_file(str(_require(src, WEIGHTS_FILE)))
+    info = cfg["token_embedding"]
+    if info["storage"] in ("int8", "int4"):
+        raise ValueError(f"{src}: token embeddings are already {info['storage']}; convert from the float model")
+    word = (_read_base_tensor(resolve_base(cfg["base_model"]), WORD_EMB) if info["storage"] == "base"
+            else tensors.pop(WORD_EMB)).float().contiguous()
+    if storage == "base":
+        if _sha256(word) != info["sha256_float32"] or info["storage"] != "base" and \
+                _sha256(_read_base_tensor(resolve_base(cfg["base_model"]), WORD_EMB).float()) != _sha256(word):
+            raise ValueError("token embeddings differ from the base model's: cannot store them as 'base'")
+        note = "identical to the base model's table: not stored, read from the base model at load time"
+    elif storage == "float32":
+        tensors[WORD_EMB] = word
+        note = "float32"
+    elif storage in ("int8", "int4"):
+        q, scale = quantize_rows(word.numpy(), 8 if storage == "int8" else 4)
+        tensors[f"{WORD_EMB}.{storage}"] = torch.from_numpy(q)
+        tensors[f"{WORD_EMB}.row_scale"] = torch.from_numpy(scale)
+        note = f"{storage} codes with one float32 scale per row (symmetric); dequantized per lookup"
+    else:
+        raise ValueError(f"storage must be one of {EMB_STORAGES[1:]}")
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / WEIGHTS_FILE), metadata={"format": FORMAT})
+    for f in src.iterdir():
+        if f.is_file() and f.name not in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(f, dst / f.name)
+    cfg["token_embedding"] = {**info, "storage": storage, "note": note}
+    (dst / CONFIG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
+    return dst
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Packed ternary model directory tools.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="re-store the token-embedding table (e.g. int4)")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--token-embedding", required=True, choices=EMB_STORAGES[1:])
+    i = sub.add_parser("info", help="bytes on disk and in memory")
+    i.add_argument("path")
+    args = p.parse_args()
+    if args.cmd == "convert":
+        print(convert_token_embedding(args.src, args.dst, args.token_embedding))
+    else:
+        enc = load_ternary_encoder(args.path)
+        print(json.dumps({"backend": enc.backend, "in_memory": enc.nbytes(), "files": model_file_bytes(args.path),
+                          "token_embedding": enc.config["token_embedding"]["storage"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
