@@ -33,13 +33,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-import redis
 
 from encoder.loading import Encoder
 from ingest.eventlog import Delivery, EventConsumer, EventLog, Record, ensure_topics, open_event_log
 from ingest.schema import ItemDelete, ItemUpsert
 from ingest.settings import Settings, add_settings_flags, settings_from_args
-from recommender.store import ItemChange, Store, open_redis, wait_for_redis
+from recommender.store import ItemChange, Store, open_redis, retry_while_unavailable, wait_for_redis
 
 log = logging.getLogger("encoder.worker")
 WORKER_GROUP = "encoder-workers"
@@ -117,16 +116,7 @@ class EncoderWorker:
             seen = newest.get(event.item_id)
             if seen is None or (event.ts, event.event_id) >= (seen.ts, seen.event_id):
                 newest[event.item_id] = event
-        while True:
-            try:
-                changes = self._write(list(newest.values()))
-                break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("Redis unavailable (%s); retrying the batch", exc)
-                try:
-                    wait_for_redis(self.store, timeout_s=5)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    pass
+        changes = retry_while_unavailable(self.store, lambda: self._write(list(newest.values())), log, "the batch")
         deliveries = [self.producer.send(self.settings.topic_item_embeddings, change_to_json(change),
                                          key=change.item_id) for change in changes]
         self._unconfirmed.append((self.consumer.take_polled(), deliveries))

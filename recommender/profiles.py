@@ -10,12 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 
-import redis
-
 from ingest.eventlog import EventConsumer, EventLog
 from ingest.schema import Interaction
 from ingest.settings import Settings
-from recommender.store import Store, wait_for_redis
+from recommender.store import Store, retry_while_unavailable
 
 log = logging.getLogger("recommender.profiles")
 PROFILE_GROUP = "profile-updaters"
@@ -35,17 +33,12 @@ class ProfileUpdater:
                 interactions.append(event)
             else:
                 self.consumer.dead_letter(record, f"{event.type} event on the user topic")
-        while True:
-            try:
-                embeddings = self.store.item_embeddings(sorted({e.item_id for e in interactions}))
-                self.applied += self.store.apply_interactions(interactions, embeddings)
-                break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("Redis unavailable (%s); retrying", exc)
-                try:
-                    wait_for_redis(self.store, timeout_s=5)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    pass
+
+        def apply() -> int:
+            embeddings = self.store.item_embeddings(sorted({e.item_id for e in interactions}))
+            return self.store.apply_interactions(interactions, embeddings)
+
+        self.applied += retry_while_unavailable(self.store, apply, log, "the interactions")
         self.consumer.commit()
         return len(interactions)
 

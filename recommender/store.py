@@ -269,6 +269,23 @@ class Store:
         return out
 
 
+def retry_while_unavailable(store: Store, operation, log, what: str):
+    """Runs `operation()` until Redis takes it, waiting for Redis between attempts.
+
+    A consumer holds uncommitted offsets while it waits, so giving up would only mean reading the
+    same events again later; waiting loses nothing.
+    """
+    while True:
+        try:
+            return operation()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("Redis unavailable (%s); retrying %s", exc, what)
+            try:
+                wait_for_redis(store, timeout_s=5)
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass
+
+
 def wait_for_redis(store: Store, timeout_s: float = 30.0) -> None:
     """Blocks until Redis answers (a worker started before Redis, or Redis restarting)."""
     deadline = time.monotonic() + timeout_s

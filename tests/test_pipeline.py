@@ -4,7 +4,6 @@ Uses the model-free hashing encoder (the encoder is not what these tests are abo
 broker/Redis versions are in test_pipeline_integration.py.
 """
 
-import time
 
 import numpy as np
 import pytest
@@ -16,14 +15,7 @@ from ingest.schema import parse_event
 from ingest.settings import Settings
 from recommender.runtime import Runtime
 from recommender.service import create_app
-
-
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+from tests.waiting import wait_for
 
 
 @pytest.fixture

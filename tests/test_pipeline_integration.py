@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +29,12 @@ from ingest.settings import Settings
 from recommender.runtime import Runtime
 from recommender.service import create_app
 from recommender.store import Store, open_redis
+from tests import waiting
 
 pytestmark = pytest.mark.integration
+wait_for = partial(waiting.wait_for, timeout=120.0, every=0.1)  # real services: slower
 REPO = Path(__file__).resolve().parent.parent
 
-
-def wait_for(condition, timeout=120.0, what="condition", every=0.1):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ runtime with the model-free hashing encoder (the encoder is not what these tests
 import json
 import socket
 import threading
-import time
 
 import pytest
 import uvicorn
@@ -18,6 +17,7 @@ from ingest.replay import Selection, replay, selected_events
 from ingest.settings import Settings
 from recommender.runtime import Runtime
 from recommender.service import create_app
+from tests.waiting import wait_for
 from ui.common import REPO_ROOT
 
 APP = str(REPO_ROOT / "ui" / "app.py")
@@ -30,13 +30,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def wait_for(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
