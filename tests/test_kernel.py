@@ -100,6 +100,18 @@ def test_exact_when_activations_are_int8(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_extreme_values_do_not_saturate(path):
+    # Largest int8 products everywhere (code +1 stored as 2, |q| = 127): int16/int32 sums must not clip.
+    k = 1000
+    codes = np.ones((33, k), np.int8)
+    codes[1] = -1
+    x = np.stack([np.full(k, 127.0), np.full(k, -127.0)]).astype(np.float32)
+    y = kernel.ternary_matmul(x, pack_ternary(codes), 33, np.ones(33, np.float32), None, path=path)
+    np.testing.assert_array_equal(y[:, 0], [127 * k, -127 * k])
+    np.testing.assert_array_equal(y[:, 1], [-127 * k, 127 * k])
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_zero_rows_and_threads(path):
     codes, x, scale, bias = make_case(130, 383, 200, seed=3)
     packed = pack_ternary(codes)
