@@ -27,11 +27,13 @@ static struct {
     atomic_uint_fast64_t ticket;
     atomic_int done;
     atomic_int sleeping;
+    atomic_int joined;          /* helpers that took part in the current job */
     tq2k_item_fn fn;            /* the current job, published before its ticket */
     const void *ctx;
     int nitems;
+    int allowed;                /* helpers the current job may use: threads - 1 */
     uint32_t gen;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, NULL, NULL, 0, 0};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0, 0};
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -74,8 +76,9 @@ static void *helper_main(void *arg) {
         }
         seen = (uint32_t)(t >> 32);
         /* fields were written before the ticket (release/acquire): they belong to job `seen` or the job
-         * is over, in which case work() finds the generation changed or no items left */
-        work(seen, pool.fn, pool.ctx, pool.nitems);
+         * is over, in which case work() finds the generation changed or no items left. Helpers beyond the
+         * job's thread count sit it out (a pool grown by an earlier, larger request). */
+        if (atomic_fetch_add(&pool.joined, 1) < pool.allowed) work(seen, pool.fn, pool.ctx, pool.nitems);
     }
     return NULL;
 }
@@ -111,10 +114,11 @@ void tq2k_parallel(int nitems, int threads, tq2k_item_fn fn, const void *ctx) {
         if (rc != 0) break; /* fewer helpers: the caller does the rest */
         pool.helpers++;
     }
-    /* Note: with more helpers than `threads - 1` (an earlier call asked for more), they all join in. */
     pool.fn = fn;
     pool.ctx = ctx;
     pool.nitems = nitems;
+    pool.allowed = want;
+    atomic_store_explicit(&pool.joined, 0, memory_order_relaxed);
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     const uint32_t gen = ++pool.gen;
     atomic_store_explicit(&pool.ticket, (uint64_t)gen << 32, memory_order_release);
