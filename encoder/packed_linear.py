@@ -70,6 +70,15 @@ class PackedTernaryLinear(nn.Module):
               kernel.get_num_threads())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        # The kernel reads float32 scale and bias by address: undo dtype casts such as `.half()` or
+        # `.to(torch.bfloat16)` on a model that contains this layer (uint8 `packed` is never cast).
+        super()._apply(fn, recurse)
+        self.scale = self.scale.to(torch.float32).contiguous()
+        if self.bias is not None:
+            self.bias = self.bias.to(torch.float32).contiguous()
+        return self
+
     @property
     def nbytes(self) -> int:
         """Bytes held by this layer (packed weights + scale + bias)."""

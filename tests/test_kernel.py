@@ -174,6 +174,13 @@ def test_packed_linear_keeps_callers_bytes_and_rejects_bad_shapes():
         PackedTernaryLinear(packed, 48, 16, torch.ones(15), None)
     with pytest.raises(ValueError), torch.inference_mode():
         layer(torch.zeros(2, 47))
+    with torch.inference_mode():
+        x = torch.randn(3, 48)
+        y = layer(x)
+    layer.half()  # a whole-model dtype cast must not hand the kernel half-precision scales
+    assert layer.scale.dtype == torch.float32 and layer.packed.dtype == torch.uint8
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), y)
     frozen = np.frombuffer(packed.tobytes(), np.uint8)  # read-only bytes, as from a file
     with torch.inference_mode():
         x = torch.randn(3, 48)
