@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     # Empty = the bundled ternary model when present, else the full-precision default.
     encoder: str = Field("", description="encoder spec for load_encoder()")
 
+    # Native ternary kernel.
+    kernel_threads: int = Field(2, ge=1, le=256, description="threads of the packed ternary kernel")
+    kernel_path: str = Field("", description="force a kernel path (reference, avx2, avx512vnni, ...); "
+                                             "empty = the best this CPU runs")
+
     # Topics and their layout.
     partitions: int = Field(3, ge=1, le=256, description="partitions per topic created at start-up")
     topic_item_events: str = "item-events"

@@ -21,11 +21,11 @@ that share work without a join, see tq2k_pool.c); the GIL is released.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from encoder.packing import packed_nbytes
+from ingest.settings import Settings
 
 try:
     from encoder.kernel import _tq2k
@@ -37,7 +37,7 @@ else:
 
 PATHS = ("reference", "avx2", "avx512vnni", "avx512f32")  # index = the C path id
 FLOAT_ACTIVATION_PATHS = ("avx512f32",)
-_threads = max(1, int(os.environ.get("TERNREC_KERNEL_THREADS", "2")))
+_threads = Settings().kernel_threads
 
 
 def _lib():
@@ -53,7 +53,7 @@ def available_paths() -> list[str]:
 
 
 def default_path() -> str:
-    forced = os.environ.get("TERNREC_KERNEL_PATH")
+    forced = Settings().kernel_path
     if forced:
         return forced
     return available_paths()[0]  # the int8 path this CPU runs best
