@@ -21,7 +21,6 @@ that share work without a join, see tq2k_pool.c); the GIL is released.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from encoder.packing import packed_nbytes
