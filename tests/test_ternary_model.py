@@ -117,8 +117,10 @@ def test_packed_matches_reference(tiny, tmp_path):
     if packed.backend != "packed":
         pytest.skip("native kernel not built: packed backend fell back to reference")
     ref = load_ternary_encoder(out, backend="reference")
+    threads = torch.get_num_threads()
     a, b = packed.encode(TEXTS, batch_size=3), ref.encode(TEXTS, batch_size=3)
     assert np.min(np.sum(a * b, axis=1)) >= 0.999
+    assert torch.get_num_threads() == threads  # encode runs torch at 1 thread, then restores
     # Weights stay packed: every linear holds its 2-bit bytes, a scale and a bias, no float weight.
     from encoder.packed_linear import PackedTernaryLinear
     from encoder.packing import packed_nbytes
