@@ -239,6 +239,27 @@ def evaluate_encoder(encoder, reference=None, tasks=ALL_TASKS, stsb_path: Path =
     return result
 
 
+def scheme_weight_errors(base: str) -> dict[str, dict[str, float]]:
+    """Per ternary scheme: ||W - W_hat||^2 / ||W||^2 over all transformer Linears, and the zero share."""
+    from safetensors.torch import load_file
+
+    from encoder.ternary import SCHEMES, ternarize_weight
+
+    weights = [w.float() for k, w in load_file(str(Path(base) / "model.safetensors")).items()
+               if k.endswith(".weight") and w.dim() == 2 and "embeddings" not in k]
+    out = {}
+    for scheme in SCHEMES:
+        err = norm = zeros = total = 0.0
+        for w in weights:
+            q, s = ternarize_weight(w, scheme)
+            err += float(((w - s[:, None] * q) ** 2).sum())
+            norm += float((w ** 2).sum())
+            zeros, total = zeros + float((q == 0).sum()), total + q.numel()
+        out[scheme] = {"relative_weight_error": err / norm, "zero_fraction": zeros / total,
+                       "linears": len(weights)}
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 ROWS = [("stsb_dev_spearman", "STS-B dev Spearman"), ("scifact_ndcg@10", "SciFact nDCG@10"),
@@ -272,17 +293,23 @@ def markdown(report: dict) -> str:
     lines += ["", "Models: " + "; ".join(f"**{n}** = `{models[n]['spec']}`" for n in names) + ".",
               f"Leave-one-out: {fp.get('rec_users', '?')} users with ≥ 5 books (seed {SEED}); "
               f"SciFact: {fp.get('scifact_queries', '?')} test queries, 5,183 abstracts."]
+    schemes = report.get("scheme_weight_errors") or {}
+    if schemes:
+        lines += ["", "### Ternary schemes, before training (weight space)", "",
+                  "| scheme | relative weight error ‖W − Ŵ‖²/‖W‖² | share of zero codes |", "|---|---|---|"]
+        lines += [f"| {k} | {v['relative_weight_error']:.4f} | {v['zero_fraction']:.3f} |"
+                  for k, v in schemes.items()]
     ablations = report.get("ablations") or []
     if ablations:
         lines += ["", "### Distillation ablations (short runs)", "",
-                  "| run | scheme | steps | minutes | STS-B | neighbour R@10 | title+authors R@10 "
+                  "| run | scheme | steps | minutes | STS-B | neighbour R@10 | mean cos to FP "
                   "| HitRate@10 | notes |", "|---|---|---|---|---|---|---|---|---|"]
         for a in ablations:
             def f(k, a=a):
                 return f"{a[k]:.4f}" if isinstance(a.get(k), float) else "–"
             lines.append(f"| {a.get('run')} | {a.get('scheme')} | {a.get('steps')} | {a.get('minutes')} | "
                          f"{f('stsb_dev_spearman')} | {f('catalog_neighbour_recall@10')} | "
-                         f"{f('catalog_title_authors_neighbour_recall@10')} | {f('rec_hitrate@10')} | "
+                         f"{f('catalog_mean_cosine_to_fp')} | {f('rec_hitrate@10')} | "
                          f"{a.get('notes', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -298,6 +325,32 @@ def write_markdown_section(section: str, path: Path) -> None:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         text = "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
     path.write_text(text)
+
+
+def build_model(label: str, base: str, fp, ternary_dir: str):
+    """(encoder, spec, cache its embeddings?) for one row of the report."""
+    from encoder.loading import load_encoder
+
+    if label == "full precision":
+        return fp, base, True
+    if label == "ternary distilled":
+        distilled = load_encoder(ternary_dir)
+        weights = Path(ternary_dir) / "model.safetensors"
+        if weights.is_file():  # cache keyed by the weights' content, so a retrained model is re-encoded
+            distilled.name = "ternary-distilled:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+        return distilled, ternary_dir, weights.is_file()
+    from sentence_transformers import SentenceTransformer
+
+    from encoder.ternary import ternarize_model
+
+    scheme = label.removeprefix("ternary ").removesuffix(", no distillation")
+    calibrate = scheme.endswith("+cal")  # e.g. "row_opt+learn+cal": activation-aware fit
+    student = ternarize_model(SentenceTransformer(base, device="cpu"), scheme.removesuffix("+cal"))
+    if calibrate:
+        from encoder.distill import calibrate_student, calibration_texts
+
+        calibrate_student(student, calibration_texts(256))
+    return ModelEncoder(student, f"ternary-{scheme}-untrained:" + Path(base).name), f"{base} + {scheme}", True
 
 
 def main() -> None:
@@ -316,40 +369,43 @@ def main() -> None:
                         help="runs/<name>/eval.json files to list as ablations (default: reports' list)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "quality.json")
     parser.add_argument("--markdown", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
+    parser.add_argument("--merge", nargs="*", default=None, help="no evaluation: merge the models of "
+                        "these partial reports (written with --only / --tasks by parallel processes)")
+    parser.add_argument("--only", default="", help="evaluate only models whose label contains this "
+                        "(fills the embedding cache; e.g. to split the work across processes)")
     args = parser.parse_args()
 
     import torch
 
-    from encoder.ternary import ternarize_model
-
     torch.manual_seed(SEED)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     base = args.base or default_base_model()
-    fp = load_encoder(base)
-    fp.name = "full-precision:" + Path(base).name  # stable cache key
-    models = {"full precision": (fp, base, True)}
-    for scheme in [s for s in args.undistilled_scheme.split(",") if s]:
-        from sentence_transformers import SentenceTransformer
-
-        calibrate = scheme.endswith("+cal")  # e.g. "row_opt+learn+cal": activation-aware fit
-        student = ternarize_model(SentenceTransformer(base, device="cpu"), scheme.removesuffix("+cal"))
-        if calibrate:
-            from encoder.distill import calibrate_student, calibration_texts
-
-            calibrate_student(student, calibration_texts(256))
-        enc = ModelEncoder(student, f"ternary-{scheme}-untrained:" + Path(base).name)
-        models[f"ternary {scheme}, no distillation"] = (enc, f"{base} + {scheme}", True)
-    if args.ternary:
-        models["ternary distilled"] = (load_encoder(args.ternary), args.ternary, False)
-
-    report: dict = {"tasks": list(tasks), "models": {}}
-    for label, (enc, spec, cache) in models.items():
-        print(f"evaluating {label} ...", flush=True)
-        result = evaluate_encoder(enc, reference=fp, tasks=tasks, stsb_path=args.stsb,
-                                  scifact_path=args.scifact, cache=cache)
-        result["spec"] = str(spec)
-        report["models"][label] = result
-        print(json.dumps(result, indent=1), flush=True)
+    report: dict = {"tasks": list(tasks), "models": {}, "scheme_weight_errors": scheme_weight_errors(base)}
+    if args.merge is not None:
+        report["tasks"] = []
+        for part in args.merge:
+            partial = json.loads(Path(part).read_text())
+            report["tasks"] = sorted(set(report["tasks"]) | set(partial["tasks"]))
+            for label, result in partial["models"].items():
+                report["models"].setdefault(label, {}).update(result)
+        order = ["full precision"] + [k for k in report["models"] if k != "full precision"]
+        report["models"] = {k: report["models"][k] for k in order if k in report["models"]}
+    else:
+        fp = load_encoder(base)
+        fp.name = "full-precision:" + Path(base).name  # stable cache key
+        labels = ["full precision"] + [f"ternary {s}, no distillation"
+                                       for s in args.undistilled_scheme.split(",") if s]
+        labels += ["ternary distilled"] if args.ternary else []
+        for label in labels:
+            if args.only and args.only not in label and label != "full precision":
+                continue
+            enc, spec, cache = build_model(label, base, fp, args.ternary)
+            print(f"evaluating {label} ...", flush=True)
+            result = evaluate_encoder(enc, reference=fp, tasks=tasks, stsb_path=args.stsb,
+                                      scifact_path=args.scifact, cache=cache)
+            result["spec"] = str(spec)
+            report["models"][label] = result
+            print(json.dumps(result, indent=1), flush=True)
 
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if args.ablations is None:
