@@ -29,8 +29,11 @@ Backends of `load_ternary_encoder(path, backend=...)`:
   "reference"  float32 matmul of the unpacked weights (the ground truth for the packed path);
   "packed"     `PackedTernaryLinear` (weights stay packed in memory); falls back to "reference" with
                a warning when the native kernel is not built.
-Both run the same lean BERT forward (no HF module tree): fused Q/K/V projection, torch SDPA attention,
-torch.inference_mode, length-sorted batches, mean pooling, L2 normalisation. Only safetensors and JSON
+Both run the same lean BERT forward (no HF module tree): fused Q/K/V projection, torch SDPA attention
+(no mask when nothing is padded), torch.inference_mode, length-sorted batches split to at most 4096
+tokens per forward pass (large activations fall out of cache: measured 6.4 -> 9.0 long texts/s),
+torch ops at 1 thread beside the kernel's own 2-thread pool, mean pooling, L2 normalisation.
+Each of those is measured in BENCHMARKS.md ("The rest of the forward pass"). Only safetensors and JSON
 are read: no pickles.
 """
 
@@ -398,7 +401,8 @@ class TernaryEncoder:
     """A ternary BERT sentence encoder: `.encode(texts, batch_size) -> (n, dim) L2-normalized float32`."""
 
     def __init__(self, path: str | os.PathLike, backend: str = "packed", fuse_qkv: bool = True,
-                 mask_free_when_unpadded: bool = True, torch_threads: int | None = -1):
+                 mask_free_when_unpadded: bool = True, torch_threads: int | None = -1,
+                 max_tokens_per_forward: int = 4096):
         """`fuse_qkv`, `mask_free_when_unpadded` and `torch_threads` exist to measure what they buy
         (bench.speed). `torch_threads` = torch's intra-op threads during encode: -1 = 1 with the packed
         kernel (which runs its own OpenMP pool: two pools spinning on 2 cores starve each other, measured
@@ -432,6 +436,7 @@ class TernaryEncoder:
         cls = _packed_linear_class() if backend == "packed" else None
         self.backend = "packed" if cls is not None else "reference"
         self.mask_free_when_unpadded = mask_free_when_unpadded
+        self.max_tokens_per_forward = max_tokens_per_forward
         self.torch_threads = (1 if self.backend == "packed" else None) if torch_threads == -1 else torch_threads
         layout = cfg["linear"]["packing"]
 
@@ -562,8 +567,13 @@ class TernaryEncoder:
 
     def _encode_sorted(self, ids: list[list[int]], order: list[int], batch_size: int, out: np.ndarray) -> None:
         with torch.inference_mode():
+            chunks = []
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
+                # Sorted: the last text is the longest. Cap rows x length per forward pass.
+                rows = max(1, self.max_tokens_per_forward // len(ids[chunk[-1]]))
+                chunks += [chunk[i:i + rows] for i in range(0, len(chunk), rows)]
+            for chunk in chunks:
                 seq = max(len(ids[i]) for i in chunk)
                 arr = np.zeros((len(chunk), seq), dtype=np.int64)
                 lengths = np.array([len(ids[i]) for i in chunk])
