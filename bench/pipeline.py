@@ -196,7 +196,8 @@ def stop(proc: subprocess.Popen) -> None:
 def markdown(r: dict) -> str:
     lines = [f"Command: `{COMMAND}` (real Kafka + real Redis on 127.0.0.1; worker and recommender as "
              f"separate processes, {r['http_workers']} recommender replica(s); encoder `{r['encoder']}`; "
-             f"{r['catalog_items']} catalog items).", "",
+             f"{r['catalog_items']} catalog items; 1-minute load average {r['load_average']['start']} at the "
+             f"start, {r['load_average']['end']} at the end, on 2 cores shared with other jobs).", "",
              "| ingest | items/s |", "|---|---|",
              f"| encoder alone, batches of {r['max_batch']} | {r['encoder_items_per_s']:.0f} |",
              f"| sustained ingest, produced → searchable | {r['ingest']['items_per_s']:.0f} "
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     spec = resolve_encoder_spec(args.encoder)
     settings = Settings()
+    load_at_start = os.getloadavg()[0]
     texts = [item.text for item in load_items()[:2000]]
     print(f"encoder {spec}: measuring its own throughput ...", flush=True)
     encoder_ips = encoder_throughput(spec, texts, settings.max_batch)
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
               "encoder_items_per_s": round(encoder_ips, 1),
               "ingest": {"items": len(burst), "items_per_s": round(ingest_ips, 1),
                          "ratio_to_encoder": round(ingest_ips / encoder_ips, 3)},
-              "freshness": freshness, "queries": queries, "memory": memory}
+              "freshness": freshness, "queries": queries, "memory": memory,
+              "load_average": {"start": round(load_at_start, 2), "end": round(os.getloadavg()[0], 2)}}
     write_json("pipeline", result)
     update_section("Pipeline", markdown(result))
     print(markdown(result))
