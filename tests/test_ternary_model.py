@@ -138,8 +138,9 @@ def test_packed_matches_reference(tiny, tmp_path):
     assert packed.nbytes()["linear"] == total
 
 
-@pytest.mark.parametrize("storage,bits,min_cos", [("int8", 8, 0.9999), ("int4", 4, 0.99)])
-def test_token_embedding_compression(tiny, tmp_path, storage, bits, min_cos):
+@pytest.mark.parametrize("storage,bits,scale_bytes,min_cos",
+                         [("int8", 8, 4, 0.9999), ("int4", 4, 4, 0.99), ("int4g32", 4, 2 * 2, 0.99)])
+def test_token_embedding_compression(tiny, tmp_path, storage, bits, scale_bytes, min_cos):
     base, student = tiny
     out = save_ternary_model(student, tmp_path / storage, base_model=str(base), token_embedding=storage)
     cfg = json.loads((out / "config.json").read_text())
@@ -149,7 +150,8 @@ def test_token_embedding_compression(tiny, tmp_path, storage, bits, min_cos):
     comp = load_ternary_encoder(out, backend="reference")
     rows, dim = 30522, 36
     assert full.nbytes()["token_embedding"] == rows * dim * 4
-    assert comp.nbytes()["token_embedding"] == rows * (-(-dim * bits // 8) + 4)  # codes + a float32 scale
+    # codes + one float32 scale per row (or one float16 per group of 32: 2 groups for 36 columns)
+    assert comp.nbytes()["token_embedding"] == rows * (-(-dim * bits // 8) + scale_bytes)
     cos = np.sum(comp.encode(TEXTS) * full.encode(TEXTS), axis=1)
     assert np.min(cos) > min_cos
 
@@ -166,6 +168,12 @@ def test_quantize_rows_error_bound():
         # Rounding error is at most half a step of each row's scale.
         assert np.all(np.abs(deq - table) <= scale[:, None] / 2 + 1e-6)
         assert np.allclose(np.abs(table).max(1), scale * qmax)
+    # Groups of 16 columns (3 groups for 37): each group's error bound is its own, smaller step.
+    q, scale = quantize_rows(table, 4, group=16)
+    assert scale.shape == (50, 3) and scale.dtype == np.float16
+    deq = QuantizedEmbedding(torch.from_numpy(q), torch.from_numpy(scale), 4, 37, 16)(torch.arange(50)).numpy()
+    step = np.repeat(scale.astype(np.float32), 16, axis=1)[:, :37]
+    assert np.all(np.abs(deq - table) <= step / 2 + 1e-3)
 
 
 def test_changed_embeddings_are_stored_and_base_mismatch_is_refused(tiny, tmp_path):
