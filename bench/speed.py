@@ -6,7 +6,8 @@ Runtimes, all on the same texts in the same run, 2 threads each:
   ort-fp32         ONNX export of the same base model, ORT transformer fusions, ORT_ENABLE_ALL
   ort-int8         onnxruntime dynamic quantization (int8 weights, uint8 activations) of ort-fp32
   ternary-packed   the packed ternary model (encoder.ternary_model, native 2-bit kernel)
-  ternary-packed-int4emb  the same, token-embedding table stored and kept in 4 bits (per-row scales)
+  ternary-packed-int4emb  the same, token-embedding table stored and kept in 4 bits ("int4g32": one
+                   float16 scale per 32 columns)
   ternary-ref      the same ternary model through float matmuls of the unpacked weights (isolates the
                    kernel's share from the lean forward's share)
 Each runtime lives in its own worker subprocess (honest peak RSS: VmHWM of that process), driven
@@ -381,16 +382,16 @@ def forward_ablation(ternary: str, base: str, texts: dict, rounds: int) -> dict:
 # ----------------------------------------------------------------------------- report
 
 def int4_variant(ternary: Path) -> Path:
-    """The model with its token-embedding table in 4 bits (cached copy; the model itself is unchanged)."""
+    """The model with its token-embedding table in 4 bits, int4g32 (cached copy; the model is unchanged)."""
     from encoder.ternary_model import convert_token_embedding
 
     cfg = json.loads((ternary / "config.json").read_text())
-    if cfg["token_embedding"]["storage"] == "int4":
+    if cfg["token_embedding"]["storage"] in ("int4", "int4g32", "int4g16"):
         return ternary
     key = (ternary / "model.safetensors").stat()
-    out = CACHE / "bench" / f"{ternary.name}-{key.st_size}-{int(key.st_mtime)}-int4emb"
+    out = CACHE / "bench" / f"{ternary.name}-{key.st_size}-{int(key.st_mtime)}-int4g32emb"
     if not (out / "config.json").is_file():
-        convert_token_embedding(ternary, out, "int4")
+        convert_token_embedding(ternary, out, "int4g32")
     return out
 
 
