@@ -13,6 +13,7 @@ Layout of a model directory (DESIGN.md seam, e.g. `models/ternary-minilm/`):
                          "int4"     two 4-bit codes per byte (low nibble = even column) + one float32
                                     scale per row (symmetric, absmax / 7, code + 8 stored)
                          "int4g32"  the same 4-bit codes with one float16 scale per group of 32 columns
+                                    ("int4g16": per 16)
                                     (a row's outliers then cost precision only in their own group)
     tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.txt
                        copied from the base model (small), so tokenization never needs the base model.
