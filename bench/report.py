@@ -33,10 +33,16 @@ def write_json(name: str, data: dict) -> Path:
     return path
 
 
-def update_section(title: str, body: str) -> None:
-    """Replaces `## {title}` (up to the next `## ` heading) in BENCHMARKS.md, or appends it."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+def update_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Replaces `## {title}` (up to the next `## ` heading) in BENCHMARKS.md, or appends it.
+
+    `body` may start with the heading itself; it is not repeated.
+    """
+    body = body.strip()
+    if body.startswith(f"## {title}\n"):
+        body = body[len(f"## {title}\n"):]
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
     section = f"## {title}\n\n{body.strip()}\n\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    BENCHMARKS.write_text(text.rstrip() + "\n")
+    path.write_text(text.rstrip() + "\n")
