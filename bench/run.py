@@ -15,6 +15,7 @@ BENCHMARKS = {
     "replay": [sys.executable, "-m", "bench.replay"],
     "kernel": [sys.executable, "-m", "bench.kernel"],
     "speed": [sys.executable, "-m", "bench.speed"],
+    "footprint": [sys.executable, "-m", "bench.footprint"],
     "quality": [sys.executable, "-m", "encoder.evaluate"],
     "ann": [sys.executable, "-m", "bench.ann"],
     "pipeline": [sys.executable, "-m", "bench.pipeline"],
