@@ -293,6 +293,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Models: " + "; ".join(f"**{n}** = `{models[n]['spec']}`" for n in names) + ".",
               f"Leave-one-out: {fp.get('rec_users', '?')} users with ≥ 5 books (seed {SEED}); "
               f"SciFact: {fp.get('scifact_queries', '?')} test queries, 5,183 abstracts."]
+    lines += [f"Note: {n}" for n in report.get("notes", [])]
     schemes = report.get("scheme_weight_errors") or {}
     if schemes:
         lines += ["", "### Ternary schemes, before training (weight space)", "",
@@ -371,6 +372,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     parser.add_argument("--merge", nargs="*", default=None, help="no evaluation: merge the models of "
                         "these partial reports (written with --only / --tasks by parallel processes)")
+    parser.add_argument("--note", action="append", default=[], help="a line to print under the table")
     parser.add_argument("--only", default="", help="evaluate only models whose label contains this "
                         "(fills the embedding cache; e.g. to split the work across processes)")
     args = parser.parse_args()
@@ -380,7 +382,8 @@ def main() -> None:
     torch.manual_seed(SEED)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     base = args.base or default_base_model()
-    report: dict = {"tasks": list(tasks), "models": {}, "scheme_weight_errors": scheme_weight_errors(base)}
+    report: dict = {"tasks": list(tasks), "models": {}, "scheme_weight_errors": scheme_weight_errors(base),
+                    "notes": args.note}
     if args.merge is not None:
         report["tasks"] = []
         for part in args.merge:
