@@ -268,7 +268,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    from bench.speed import write_section
+    from bench.report import update_section
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ternary", default=str(REPO_ROOT / "models" / "ternary-minilm"))
@@ -281,7 +281,7 @@ def main() -> None:
     report["conclusion"] = args.conclusion or conclusion(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    write_section(markdown(report), "## ANN", args.markdown)
+    update_section("ANN", markdown(report), args.markdown)
     print(markdown(report))
     print(f"wrote {args.out} and the ANN section of {args.markdown}")
 

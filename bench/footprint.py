@@ -78,7 +78,7 @@ def markdown(report: dict, quality: dict | None = None) -> str:
 
 
 def main() -> None:
-    from bench.speed import write_section
+    from bench.report import update_section
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "ternary-minilm")
@@ -93,7 +93,7 @@ def main() -> None:
         report = measure(args.model, [s for s in args.storages.split(",") if s])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
-    write_section(markdown(report, report.get("quality")), "## Footprint", args.markdown)
+    update_section("Footprint", markdown(report, report.get("quality")), args.markdown)
     print(markdown(report, report.get("quality")))
 
 

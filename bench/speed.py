@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import update_section
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -469,19 +471,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str, title: str, path: Path) -> None:
-    """Replaces the `title` section of BENCHMARKS.md (up to the next `## `), keeping the rest."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == title), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    path.write_text(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -593,7 +582,7 @@ def main() -> None:
             report["forward_ablation_from"] = prev.get("forward_ablation_from", prev["date"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    write_section(markdown(report), "## Speed", args.markdown)
+    update_section("Speed", markdown(report), args.markdown)
     print(markdown(report))
     print(f"wrote {args.out} and the Speed section of {args.markdown}")
 
