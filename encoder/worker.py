@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from_args(args)
+    # First of all: a SIGTERM during start-up (model loading) must also end the worker cleanly.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     if settings.embedded_log or settings.embedded_store:
         parser.error("the worker process needs TERNREC_KAFKA_BOOTSTRAP and TERNREC_REDIS_URL "
                      "(embedded mode runs it inside `make demo`)")
@@ -193,15 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     store = Store(open_redis(settings.redis_url))
     wait_for_redis(store)
     encoder = load_encoder(resolve_encoder_spec(settings.encoder))
-    log.info("encoder %s (dim %d) ready", encoder.name, encoder.dim)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    log.info("encoder %s (dim %d) loaded", encoder.name, encoder.dim)
     threads = []
     if not args.no_profiles:
         updater = ProfileUpdater(event_log, store, settings)
         threads.append(threading.Thread(target=updater.run, args=(stop,), name="profiles", daemon=True))
     worker = EncoderWorker(event_log, store, encoder, settings)
+    log.info("consuming %s in group %s", settings.topic_item_events, WORKER_GROUP)
     for t in threads:
         t.start()
     worker.run(stop)

@@ -266,11 +266,15 @@ def test_two_workers_share_the_partitions(settings, worker_factory):
     workers = [worker_factory(settings), worker_factory(settings)]
     for worker in workers:
         worker.start()
+    for worker in workers:  # both in the group before the stream starts
+        wait_for(lambda w=worker: "consuming" in w.log_path.read_text(), what=f"{worker.name} up")
     event_log = _kafka_log(settings)
-    replay(event_log, settings, item_events(2000), progress=False)
+    # Paced over ~8 s so that the group's rebalance settles while items still arrive.
+    replay(event_log, settings, item_events(2000), rate=250, progress=False)
     store = store_for(settings)
     wait_for(lambda: store.item_count() == 2000, what="2,000 items from two workers")
-    assert all(w.stop() == 0 for w in workers)
+    codes = [w.stop() for w in workers]
+    assert codes == [0, 0], "\n".join(w.log_path.read_text()[-2000:] for w in workers)
     assert len(stored_item_keys(store)) == 2000
     # Both did some of the work: each logs how many items it encoded when it stops.
     encoded = [int(m) for w in workers for m in re.findall(r"(\d+) items encoded", w.log_path.read_text())]
