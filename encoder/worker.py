@@ -97,7 +97,7 @@ class EncoderWorker:
                     break
             got = self.consumer.poll(max_records=self.settings.max_batch - len(batch), timeout_ms=timeout_ms)
             if self.metrics is not None:
-                self.metrics.report_lag(self.settings.topic_item_events, self.consumer.consumer)
+                self.metrics.report_lag(self.settings.topic_item_events, self.consumer)
             for record, event in got:
                 if isinstance(event, (ItemUpsert, ItemDelete)):
                     batch.append((record, event))

@@ -163,6 +163,9 @@ class EventConsumer:
         self.dead_letters.flush()
         self.consumer.commit(records)
 
+    def lag(self) -> int:
+        return self.consumer.lag()
+
     def close(self) -> None:
         self.dead_letters.flush()
         self.dead_letters.close()

@@ -93,7 +93,8 @@ class Recommender:
         with timer.stage("hydrate"):
             items = self._hydrate(hits)
         if strategy == "profile":
-            titles = dict(zip(profile.recent, self._titles(profile.recent), strict=True))
+            reasons = sorted(set(because.values()))  # only the books named, not every recent one
+            titles = dict(zip(reasons, self._titles(reasons), strict=True))
             for item in items:
                 reason = because.get(item["item_id"])
                 if reason:
