@@ -15,7 +15,7 @@ import weakref
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from ingest.eventlog import Record
@@ -255,7 +255,7 @@ class KafkaLogConsumer:
             return
         try:
             self._consumer.commit(offsets)
-        except CommitFailedError as exc:
+        except (CommitFailedError, RebalanceInProgressError) as exc:  # rebalanced since, or rebalancing now
             log.warning("commit of %d partition(s) dropped, group %r rebalanced: %s",
                         len(offsets), self.group, exc)
             return
