@@ -43,13 +43,23 @@ def produce(kafka_log: KafkaLog, topic: str, pairs: list[tuple[str | None, bytes
     p.close()
 
 
-def wait_assigned(consumers, partitions: int, timeout: float = 30.0) -> None:
-    """Polls every member (none has records yet) until the group owns all partitions."""
+def wait_assigned(consumers, topic: str, partitions: int, timeout: float = 30.0) -> None:
+    """Polls every member (none has records yet) until the group has settled: each member owns
+    at least one partition, no two own the same one, and together they own all of them.
+
+    During a rebalance a member that has not polled yet still reports its old assignment (seen:
+    one member holding all four partitions while the other already had two), so the sum of the
+    assignment sizes alone does not say the group has settled.
+    """
+    everything = {(topic, p) for p in range(partitions)}
+
+    def settled() -> bool:
+        owned = [c.assignment() for c in consumers]
+        return all(owned) and sum(map(len, owned)) == partitions and set().union(*owned) == everything
+
     deadline = time.monotonic() + timeout
-    while sum(len(c.assignment()) for c in consumers) < partitions or not all(
-        c.assignment() for c in consumers
-    ):
-        assert time.monotonic() < deadline, "consumer group did not settle"
+    while not settled():
+        assert time.monotonic() < deadline, f"consumer group did not settle: {[c.assignment() for c in consumers]}"
         for c in consumers:
             assert c.poll(timeout_ms=50) == []
 
@@ -115,7 +125,7 @@ def test_two_members_of_a_group_split_the_partitions(kafka_log, name_prefix):
     topic, group = f"{name_prefix}-t", f"{name_prefix}-g"
     kafka_log.ensure_topics({topic: 4}, set())
     a, b = kafka_log.consumer([topic], group), kafka_log.consumer([topic], group)
-    wait_assigned([a, b], 4)
+    wait_assigned([a, b], topic, 4)
     assert a.assignment().isdisjoint(b.assignment())
     assert a.assignment() | b.assignment() == {(topic, p) for p in range(4)}
 
@@ -142,7 +152,7 @@ def test_latest_skips_what_was_there_before(kafka_log, name_prefix):
     kafka_log.ensure_topics({topic: 2}, set())
     produce(kafka_log, topic, [("old", b"old")] * 10)
     c = kafka_log.consumer([topic], f"{name_prefix}-g", from_beginning=False)
-    wait_assigned([c], 2)
+    wait_assigned([c], topic, 2)
     time.sleep(0.3)  # let the position reset to the log end land before producing
     produce(kafka_log, topic, [("new", b"new")])
     assert [r.value for r in drain(c, quiet=1.0)] == [b"new"]
