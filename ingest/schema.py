@@ -9,6 +9,7 @@ never truncated. Item events are keyed by `item_id`, interactions by `user_id`.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,11 +38,17 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^\S(.*\S)?$")]
+# No control characters, no space at either end. Spelled with explicit ranges (no \s or .) so that
+# every regex engine reading the JSON Schema (Python's, Rust's, ECMA's in clients) agrees on it.
+ID_PATTERN = r"^[^\x00-\x20\x7f]([^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?$"
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
 
 
 class _EventBase(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    # python-re: the same regex semantics as the JSON Schema clients (and fuzzers) validate against;
+    # no NaN/Infinity: they have no JSON form, so the event could not be written to a topic as it came.
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, regex_engine="python-re",
+                              allow_inf_nan=False)
 
     event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=MAX_ID_CHARS)
     ts: float = Field(default_factory=time.time, ge=0)
@@ -110,9 +117,23 @@ def _describe(error: ValidationError) -> str:
         where = ".".join(loc) or "event"
         if err["type"] == "missing":
             parts.append(f"missing field '{where}'")
+        elif err["type"] == "string_pattern_mismatch" and err["ctx"].get("pattern") == ID_PATTERN:
+            parts.append(f"field '{where}': an id may not contain control characters or start or end "
+                         "with a space")
         else:
             parts.append(f"field '{where}': {err['msg']}")
     return "; ".join(parts)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_event(raw: bytes | str | dict, limits: Limits = DEFAULT_LIMITS) -> Event:
@@ -122,9 +143,20 @@ def parse_event(raw: bytes | str | dict, limits: Limits = DEFAULT_LIMITS) -> Eve
         if size > limits.max_event_bytes:
             raise InvalidEvent(f"event is {size} bytes, over the limit of {limits.max_event_bytes}")
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent(f"invalid JSON: an event must be UTF-8 ({exc})") from None
+        try:
+            data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+        except RecursionError:
+            raise InvalidEvent("invalid JSON: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, and numbers Python will not parse
             raise InvalidEvent(f"invalid JSON: {exc}") from None
+        if "\\u" in text:  # an escaped lone surrogate is valid JSON but no Unicode text
+            try:
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidEvent("invalid JSON: a \\u escape is not a whole Unicode character") from None
     else:
         data = raw
     if not isinstance(data, dict):
@@ -146,6 +178,20 @@ def parse_event(raw: bytes | str | dict, limits: Limits = DEFAULT_LIMITS) -> Eve
             raise InvalidEvent(f"text is {len(event.text)} characters, over the limit of "
                                f"{limits.max_text_chars}")
     return event
+
+
+def event_json_schemas(limits: Limits = DEFAULT_LIMITS) -> dict[str, dict]:
+    """JSON Schemas of the events accepted under `limits`, for an OpenAPI document's components:
+    "Event" (the union, discriminated by `type`) and one per event type. The byte limit has no JSON
+    Schema form; it is stated in the description."""
+    schema = _event_adapter.json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs")
+    upsert = defs["ItemUpsert"]["properties"]
+    upsert["title"]["maxLength"] = limits.max_title_chars
+    upsert["text"]["anyOf"][0]["maxLength"] = limits.max_text_chars
+    schema["description"] = (f"One event, a UTF-8 JSON object of at most {limits.max_event_bytes} bytes. "
+                             "`event_id` and `ts` are filled in when missing; other fields are kept.")
+    return {"Event": schema, **defs}
 
 
 def topic_for(event: Event, settings) -> str:
