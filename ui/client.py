@@ -107,11 +107,8 @@ def _detail(response: httpx.Response) -> str:
         body = response.json()
     except ValueError:
         return response.text[:200]
-    detail = body.get("detail") if isinstance(body, dict) else body
-    if isinstance(detail, list):  # FastAPI validation errors
-        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail
-                         if isinstance(d, dict))
-    return str(detail)
+    # Every error of the service is an ErrorBody: {"detail": "<reason>"}.
+    return str(body.get("detail") if isinstance(body, dict) else body)
 
 
 def _reason(exc: httpx.HTTPError) -> str:
