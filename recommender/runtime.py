@@ -3,7 +3,7 @@
 Embedded mode (`make demo`): the in-process log and an embedded store, with the encoder worker,
 profile updater and index updater as threads beside the HTTP service. Service mode
 (`python -m recommender.service` against Kafka and Redis): the index updater only; the workers run
-in their own processes (`python -m encoder.worker`).
+in their own processes (`python -m recommender.worker`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import threading
 
 import faiss
 
-from encoder.loading import load_encoder, resolve_encoder_spec
-from encoder.worker import EncoderWorker
+from encoder import load_encoder
 from ingest.eventlog import EventProducer, ensure_topics, open_event_log
 from ingest.settings import Settings
 from recommender.core import IndexUpdater, Recommender
@@ -22,6 +21,7 @@ from recommender.index import ItemIndex
 from recommender.metrics import Metrics
 from recommender.profiles import ProfileUpdater
 from recommender.store import Store, open_redis, wait_for_redis
+from recommender.worker import EncoderWorker
 
 log = logging.getLogger("recommender.runtime")
 
@@ -39,7 +39,7 @@ class Runtime:
         self.with_workers = settings.embedded_log if with_workers is None else with_workers
         self.encoder = encoder
         if self.encoder is None and self.with_workers:  # the service alone never encodes
-            self.encoder = load_encoder(resolve_encoder_spec(settings.encoder))
+            self.encoder = load_encoder(settings.resolved_encoder)
         self.index = ItemIndex()
         self.producer = EventProducer(self.event_log, settings)
         self.recommender = Recommender(self.store, self.index, self.producer, settings, self.metrics)

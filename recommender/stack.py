@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     python = sys.executable
     try:
         for n in range(args.workers):
-            supervisor.add(Service(f"worker-{n + 1}", [python, "-m", "encoder.worker"]))
+            supervisor.add(Service(f"worker-{n + 1}", [python, "-m", "recommender.worker"]))
         supervisor.add(Service("recommender", [python, "-m", "recommender.service"]))
         if not args.no_ui and (REPO / "ui" / "app.py").is_file():
             supervisor.add(Service("ui", [python, "-m", "streamlit", "run", str(REPO / "ui" / "app.py"),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from ingest.schema import Interaction, ItemDelete, ItemUpsert
+from ingest.schema import Interaction, ItemChange, ItemDelete, ItemUpsert
 
 RECENT_ITEMS = 50
 PROFILE_HALF_LIFE_S = 7 * 24 * 3600.0  # interests fade over weeks, not minutes
@@ -42,17 +42,6 @@ def open_redis(url: str) -> redis.Redis:
         return fakeredis.FakeRedis(server=fakeredis.FakeServer())
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
                                 health_check_interval=10)
-
-
-@dataclass(frozen=True)
-class ItemChange:
-    """An applied item upsert or delete, as published on `item-embeddings`."""
-
-    item_id: str
-    ts: float
-    event_id: str
-    deleted: bool
-    embedding: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ def _module_of(command: list[str]) -> str | None:
     return command[command.index("-m") + 1] if "-m" in command else None
 
 
-@pytest.mark.parametrize("service, module", [("worker", "encoder.worker"), ("recommender", "recommender.service"),
+@pytest.mark.parametrize("service, module", [("worker", "recommender.worker"), ("recommender", "recommender.service"),
                                              ("replay", "ingest.replay")])
 def test_commands_run_existing_modules_with_valid_flags(compose, service, module, monkeypatch):
     command = compose["services"][service]["command"]

@@ -61,7 +61,7 @@ def settings_env(settings: Settings, encoder: str) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """`python -m encoder.worker` as a child process, killable at any instant."""
+    """`python -m recommender.worker` as a child process, killable at any instant."""
 
     def __init__(self, settings: Settings, encoder: str, log_dir: Path, name: str = "worker"):
         self.env = settings_env(settings, encoder)
@@ -73,7 +73,7 @@ class WorkerProcess:
     def start(self) -> None:
         self.starts += 1
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "encoder.worker"], cwd=REPO, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "recommender.worker"], cwd=REPO, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property

@@ -1,6 +1,6 @@
 """The encoder worker: item events in, embeddings into Redis and onto `item-embeddings`.
 
-`python -m encoder.worker` joins the `encoder-workers` consumer group on `item-events` (several
+`python -m recommender.worker` joins the `encoder-workers` consumer group on `item-events` (several
 workers share the partitions) and loops over micro-batches:
 
 1. poll until `max_batch` events or `max_wait_ms` after the first one (batch efficiency under
@@ -23,8 +23,6 @@ SIGTERM finishes the batch in hand, commits, and exits. The same process runs th
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import logging
 import signal
 import threading
@@ -34,31 +32,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from encoder.loading import Encoder
+from encoder import Encoder, load_encoder
 from ingest.eventlog import Delivery, EventConsumer, EventLog, Record, ensure_topics, open_event_log
-from ingest.schema import ItemDelete, ItemUpsert
+from ingest.schema import ItemChange, ItemDelete, ItemUpsert, change_to_json
 from ingest.settings import Settings, add_settings_flags, settings_from_args
-from recommender.store import ItemChange, Store, open_redis, retry_while_unavailable, wait_for_redis
+from recommender.store import Store, open_redis, retry_while_unavailable, wait_for_redis
 
-log = logging.getLogger("encoder.worker")
+log = logging.getLogger("recommender.worker")
 WORKER_GROUP = "encoder-workers"
 MAX_UNCONFIRMED = 4  # batches whose publishes may await acknowledgement (bounded memory)
-
-
-def change_to_json(change: ItemChange) -> bytes:
-    """The `item-embeddings` message: the change, embedding as base64 float32."""
-    payload = {"item_id": change.item_id, "ts": change.ts, "event_id": change.event_id,
-               "deleted": change.deleted}
-    if change.embedding is not None:
-        payload["embedding"] = base64.b64encode(np.asarray(change.embedding, np.float32).tobytes()).decode()
-    return json.dumps(payload).encode()
-
-
-def change_from_json(value: bytes) -> ItemChange:
-    data = json.loads(value)
-    emb = data.get("embedding")
-    return ItemChange(data["item_id"], float(data["ts"]), data["event_id"], bool(data["deleted"]),
-                      None if emb is None else np.frombuffer(base64.b64decode(emb), dtype=np.float32))
 
 
 @dataclass
@@ -189,14 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     if settings.embedded_log or settings.embedded_store:
         parser.error("the worker process needs TERNREC_KAFKA_BOOTSTRAP and TERNREC_REDIS_URL "
                      "(embedded mode runs it inside `make demo`)")
-    from encoder.loading import load_encoder, resolve_encoder_spec
     from recommender.profiles import ProfileUpdater
 
     event_log = open_event_log(settings)
     ensure_topics(event_log, settings)
     store = Store(open_redis(settings.redis_url))
     wait_for_redis(store)
-    encoder = load_encoder(resolve_encoder_spec(settings.encoder))
+    encoder = load_encoder(settings.resolved_encoder)
     log.info("encoder %s (dim %d) loaded", encoder.name, encoder.dim)
     threads = []
     if not args.no_profiles:
