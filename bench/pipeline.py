@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,26 +36,10 @@ from ingest.kafka_log import KafkaLog
 from ingest.replay import Selection, replay, selected_events
 from ingest.schema import ItemUpsert
 from ingest.services import LocalKafka, LocalRedis, free_port
-from ingest.settings import Settings
+from ingest.services.process import process_tree, spawn_child, stop_child
+from ingest.settings import REPO_ROOT, Settings
 
-REPO = Path(__file__).resolve().parent.parent
 COMMAND = "python -m bench.pipeline"
-
-
-def process_tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
 
 
 def rss_mib(pid: int) -> dict[str, float]:
@@ -181,18 +164,9 @@ def wrk(url: str, paths: list[str], connections: int, seconds: int, scripts: Pat
             "non_2xx": int(errors[1]) if errors else 0}
 
 
-def spawn(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+def spawn(argv: list[str], env: dict, log: Path):
+    with open(log, "wb") as out:
+        return spawn_child(argv, cwd=REPO_ROOT, env=env, stdout=out)
 
 
 def markdown(r: dict) -> str:
@@ -290,8 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                     queries[endpoint].append(wrk(service.url, paths, clients, args.query_seconds, workdir))
             memory = {"encoder worker": rss_mib(worker.pid), "recommender": rss_mib(recommender.pid)}
         finally:
-            stop(worker)
-            stop(recommender)
+            for proc in (worker, recommender):
+                stop_child(proc, timeout=30)
             event_log.close()
     shutil.rmtree(workdir, ignore_errors=True)
     result = {"command": COMMAND, "encoder": encoder_name, "http_workers": args.http_workers,

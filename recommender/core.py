@@ -202,7 +202,7 @@ class IndexUpdater:
                 self.step()
             except Exception:  # keep serving from the index we have; log and go on
                 log.exception("index update failed")
-                time.sleep(0.5)
+                stop.wait(0.5)
 
     def close(self) -> None:
         self.consumer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import faiss
 
@@ -24,6 +25,7 @@ from recommender.store import Store, open_redis, wait_for_redis
 from recommender.worker import EncoderWorker
 
 log = logging.getLogger("recommender.runtime")
+STOP_S = 5.0  # longest stop() waits for the loops to finish (each close after it is bounded too)
 
 
 class Runtime:
@@ -62,8 +64,9 @@ class Runtime:
 
     def stop(self) -> None:
         self._stop.set()
+        deadline = time.monotonic() + STOP_S
         for thread in self._threads:
-            thread.join(timeout=10)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for part in (self.worker, self.profiles, self.index_updater):
             if part is not None:
                 part.close()

@@ -141,6 +141,23 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (children, grandchildren, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
 def make_temp_dir(name: str) -> Path:
     """A fresh temp data dir tagged with our PID; dirs left by dead owners (a SIGKILLed test
     run, which PDEATHSIG cleans of processes but not of files) are swept on the way."""
