@@ -16,15 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
 from ingest.replay import Selection, replay, selected_events
-from ingest.settings import Settings
+from ingest.settings import REPO_ROOT, Settings
 from recommender.runtime import Runtime
 
-UI_APP = Path(__file__).resolve().parent.parent / "ui" / "app.py"
+UI_APP = REPO_ROOT / "ui" / "app.py"
 DEFAULT_USER = "1"  # the user the UI opens on
 
 

@@ -66,9 +66,11 @@ def test_stack_serves_restarts_and_stops_cleanly(kafka):  # `kafka` makes sure t
             assert time.monotonic() < deadline, "restarted recommender never became healthy"
             time.sleep(0.5)
 
+        signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         read_until(proc, lines, r"\[stack\] stopped", timeout=60)
         assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - signalled < 10, "the stack took 10 s or more to stop"
         for pid in [*pids.values(), restarted, *kafka_redis]:
             assert not pid_alive(pid), f"process {pid} outlived the stack"
     finally:

@@ -14,11 +14,10 @@ from streamlit.testing.v1 import AppTest
 
 from encoder.hashing import HashingEncoder
 from ingest.replay import Selection, replay, selected_events
-from ingest.settings import Settings
+from ingest.settings import REPO_ROOT, Settings
 from recommender.runtime import Runtime
 from recommender.service import create_app
 from tests.waiting import wait_for
-from ui.common import REPO_ROOT
 
 APP = str(REPO_ROOT / "ui" / "app.py")
 ITEMS, USERS = 300, 40
