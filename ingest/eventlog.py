@@ -92,10 +92,6 @@ class EventProducer:
     def send(self, event: Event) -> None:
         self.producer.send(topic_for(event, self.settings), event.to_json(), key=event.key)
 
-    def send_raw(self, topic: str, value: bytes, key: str | None = None) -> None:
-        """Sends bytes as they are (replay of malformed input, tests of the dead-letter path)."""
-        self.producer.send(topic, value, key=key)
-
     def flush(self, timeout: float | None = None) -> None:
         self.producer.flush(timeout)
 

@@ -250,15 +250,6 @@ class Store:
                 break
         return out
 
-    def user_ids(self, limit: int = 100) -> list[str]:
-        """Some users with a profile (for the UI's sample user)."""
-        out = []
-        for key in self.r.scan_iter(match=f"{self.p}user:*:profile", count=1000):
-            out.append(key.decode()[len(self.p) + 5:-len(":profile")])
-            if len(out) >= limit:
-                break
-        return out
-
 
 def retry_while_unavailable(store: Store, operation, log, what: str, stop: threading.Event | None = None):
     """Runs `operation()` until Redis takes it, waiting for Redis between attempts.
