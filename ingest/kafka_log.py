@@ -18,7 +18,6 @@ import threading
 import weakref
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import (
     CommitFailedError,
     KafkaConnectionError,
@@ -103,12 +102,6 @@ class KafkaLog:
         if info.get("error_code", 0):
             raise KeyError(f"topic {topic!r} does not exist (ensure_topics creates it)")
         return len(info["partitions"])
-
-    def topic_config(self, topic: str) -> dict[str, str]:
-        """The topic's non-default configuration, e.g. {"cleanup.policy": "compact"}."""
-        (configs,) = self.admin().describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="modified")["topic"].values()
-        return {k: v["value"] if isinstance(v, dict) else v for k, v in configs.items()}
 
     # -- clients --------------------------------------------------------------------------
     def producer(self, linger_ms: int = 5) -> KafkaLogProducer:
