@@ -1,6 +1,6 @@
 """The recommender HTTP service: `python -m recommender.service` (FastAPI + uvicorn).
 
-Thin routes over `recommender.core.Recommender` (DESIGN.md seams):
+Thin routes over `recommender.core.Recommender` (docs/ARCHITECTURE.md, seams):
 `GET /items/{item_id}/similar?k=`, `GET /users/{user_id}/recommendations?k=`, `POST /events`,
 `GET /health` (with `index_size`), `GET /metrics` (Prometheus text), and `GET /stats` (recent
 latency and freshness percentiles for the UI).
