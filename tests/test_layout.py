@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
 from pathlib import Path
 
 from ingest.settings import REPO_ROOT
@@ -133,3 +134,16 @@ def test_no_source_file_is_longer_than_450_lines():
     assert not too_long, f"over {MAX_LINES} lines, split by concept: {too_long}"
     stale = {f for f in PENDING_SPLITS if lengths.get(f, 0) <= MAX_LINES}
     assert not stale, f"split already, remove from PENDING_SPLITS: {sorted(stale)}"
+
+
+def test_the_readme_layout_names_every_top_level_folder():
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    named = {line.split()[0].rstrip("/") for line in block.splitlines() if line and not line[0].isspace()}
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if tracked.returncode == 0:  # the folders of the repository, not local caches or outputs
+        folders = {f.split("/")[0] for f in tracked.stdout.splitlines() if "/" in f}
+    else:
+        folders = {p.name for p in REPO_ROOT.iterdir()
+                   if p.is_dir() and p.name not in SKIPPED_DIRS and not p.name.endswith(".egg-info")}
+    assert named == folders
