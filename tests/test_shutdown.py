@@ -9,6 +9,8 @@ the worker retries a batch it cannot write).
 from __future__ import annotations
 
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +37,25 @@ def private_kafka(kafka):  # `kafka` makes sure the jars are fetched
     broker.stop()
 
 
+def start_services(env: dict[str, str], log_dir: Path) -> tuple[list[subprocess.Popen], dict[str, Path]]:
+    """The worker and the recommender as processes that die with the test run."""
+    logs = {name: log_dir / f"{name}.log" for name in ("worker", "recommender")}
+    procs = [start_module("recommender.worker", env, logs["worker"]),
+             start_module("recommender.service", env, logs["recommender"])]
+    return procs, logs
+
+
+def sigterm_and_wait(procs: list[subprocess.Popen], logs: dict[str, Path], when: str) -> str:
+    """SIGTERM to both at the same moment; asserts both exit within EXIT_WITHIN_S; returns their log tails."""
+    for proc in procs:
+        signal_group(proc, signal.SIGTERM)
+    took = exit_seconds(procs, timeout=EXIT_WITHIN_S)
+    tails = "\n".join(f"--- {name}\n{path.read_text()[-3000:]}" for name, path in logs.items())
+    assert None not in took, f"still running {EXIT_WITHIN_S:.0f} s after SIGTERM ({took}):\n{tails}"
+    print(f"exit after SIGTERM {when}: worker {took[0]:.1f} s, recommender {took[1]:.1f} s")
+    return tails
+
+
 @pytest.mark.parametrize("gone", ["kafka", "redis"])
 def test_worker_and_recommender_exit_within_10s_of_sigterm_with_a_dependency_down(
         gone, private_kafka, make_redis, tmp_path):
@@ -44,10 +65,7 @@ def test_worker_and_recommender_exit_within_10s_of_sigterm_with_a_dependency_dow
         ensure_topics(event_log, settings)
         http_port = free_port()
         env = settings_env(settings, "hashing:384", TERNREC_HTTP_PORT=str(http_port))
-        logs = {name: tmp_path / f"{name}.log" for name in ("worker", "recommender")}
-        worker = start_module("recommender.worker", env, logs["worker"])
-        recommender = start_module("recommender.service", env, logs["recommender"])
-        procs = [worker, recommender]
+        procs, logs = start_services(env, tmp_path)
         try:
             url = f"http://127.0.0.1:{http_port}"
             wait_for(lambda: healthy(url) and "consuming" in logs["worker"].read_text(), timeout=120,
@@ -62,13 +80,8 @@ def test_worker_and_recommender_exit_within_10s_of_sigterm_with_a_dependency_dow
                        progress=False)
                 wait_for(lambda: "Redis unavailable" in logs["worker"].read_text(), timeout=30,
                          what="the worker retrying a batch")
-            for proc in procs:
-                signal_group(proc, signal.SIGTERM)
-            took = exit_seconds(procs, timeout=EXIT_WITHIN_S)
-            tails = "\n".join(f"--- {name}\n{path.read_text()[-3000:]}" for name, path in logs.items())
-            assert None not in took, f"still running {EXIT_WITHIN_S:.0f} s after SIGTERM ({took}):\n{tails}"
-            print(f"exit after SIGTERM with {gone} down: worker {took[0]:.1f} s, recommender {took[1]:.1f} s")
-            assert worker.returncode == 0, tails
+            tails = sigterm_and_wait(procs, logs, f"with {gone} down")
+            assert procs[0].returncode == 0, tails  # the worker
         finally:
             for proc in procs:
                 stop_child(proc, timeout=1.0, graceful=False)
@@ -79,19 +92,12 @@ def test_worker_and_recommender_starting_without_a_broker_or_redis_exit_within_1
     nobody = free_port()  # nothing listens there
     settings = Settings(kafka_bootstrap=f"127.0.0.1:{nobody}", redis_url=f"redis://127.0.0.1:{nobody}/0")
     env = settings_env(settings, "hashing:384", TERNREC_HTTP_PORT=str(free_port()))
-    logs = {name: tmp_path / f"{name}.log" for name in ("worker", "recommender")}
-    procs = [start_module("recommender.worker", env, logs["worker"]),
-             start_module("recommender.service", env, logs["recommender"])]
+    procs, logs = start_services(env, tmp_path)
     try:
         wait_for(lambda: all("kafka" in path.read_text() for path in logs.values()), timeout=60,
                  what="both trying to reach the broker")
         assert [p.poll() for p in procs] == [None, None]
-        for proc in procs:
-            signal_group(proc, signal.SIGTERM)
-        took = exit_seconds(procs, timeout=EXIT_WITHIN_S)
-        tails = "\n".join(f"--- {name}\n{path.read_text()[-3000:]}" for name, path in logs.items())
-        assert None not in took, f"still running {EXIT_WITHIN_S:.0f} s after SIGTERM ({took}):\n{tails}"
-        print(f"exit after SIGTERM while starting: worker {took[0]:.1f} s, recommender {took[1]:.1f} s")
+        tails = sigterm_and_wait(procs, logs, "while starting")
         assert [p.returncode for p in procs] == [0, 0], tails
     finally:
         for proc in procs:
