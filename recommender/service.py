@@ -110,7 +110,7 @@ def app_from_environment() -> FastAPI:
             runtime.start()
     except StopRequested as exc:
         log.info("%s: not started", exc)
-        raise SystemExit(0) from None  # past uvicorn's handling of a factory that fails
+        raise SystemExit(0) from None  # asked to stop: a clean exit, not a start-up failure
     log.info("replica ready (pid %d, index: %d items)", os.getpid(), len(runtime.index))
 
     @asynccontextmanager

@@ -1,7 +1,7 @@
 """Every service exits within 10 s of SIGTERM, even when Kafka or Redis has gone away.
 
-The worker and the recommender run as real processes against a private broker and a private
-redis-server (so killing one disturbs no other test); after they have done some work, the
+The worker and the recommender run as real processes; the dependency that gets killed is a private
+broker or a private redis-server (so that no other test is disturbed); after some work, the
 dependency is SIGKILLed and both services get SIGTERM at the same moment (with Redis gone, while
 the worker retries a batch it cannot write).
 """
@@ -58,9 +58,12 @@ def sigterm_and_wait(procs: list[subprocess.Popen], logs: dict[str, Path], when:
 
 @pytest.mark.parametrize("gone", ["kafka", "redis"])
 def test_worker_and_recommender_exit_within_10s_of_sigterm_with_a_dependency_down(
-        gone, private_kafka, make_redis, tmp_path):
+        gone, request, kafka_settings, make_redis, tmp_path):
+    # Only the dependency that is killed is private; the other is the session's.
+    broker = request.getfixturevalue("private_kafka") if gone == "kafka" else None
     redis_server = make_redis(password="pw")
-    settings = Settings(kafka_bootstrap=private_kafka.bootstrap, redis_url=redis_server.url, max_wait_ms=5)
+    settings = kafka_settings.model_copy(update={"redis_url": redis_server.url, "max_wait_ms": 5,
+                                                 **({"kafka_bootstrap": broker.bootstrap} if broker else {})})
     with KafkaLog(settings.kafka_bootstrap) as event_log:
         ensure_topics(event_log, settings)
         http_port = free_port()
@@ -74,7 +77,7 @@ def test_worker_and_recommender_exit_within_10s_of_sigterm_with_a_dependency_dow
             store = Store(open_redis(settings.redis_url))
             wait_for(lambda: store.item_count() == ITEMS, timeout=60, what="the items encoded")
 
-            (private_kafka if gone == "kafka" else redis_server).kill()
+            (broker if gone == "kafka" else redis_server).kill()
             if gone == "redis":  # a batch in hand that cannot be written: the worker retries it
                 replay(event_log, settings, selected_events(Selection(limit=ITEMS + 20, users=0))[ITEMS:],
                        progress=False)
