@@ -1,13 +1,19 @@
-"""The one event schema: item upserts, item deletes and user interactions.
+"""The one module of message schemas: the events, and the `item-embeddings` change message.
 
-Events are JSON objects with a `type` discriminator (DESIGN.md seams). Every event carries an
-`event_id`, a timestamp `ts` (Unix seconds, float) and `schema_version`; the parser fills in the
-first two when they are missing. Extra fields are kept. Oversized input is rejected with a reason,
-never truncated. Item events are keyed by `item_id`, interactions by `user_id`.
+Events (item upserts, item deletes, user interactions) are JSON objects with a `type`
+discriminator (docs/ARCHITECTURE.md, seams). Every event carries an `event_id`, a timestamp `ts`
+(Unix seconds, float) and `schema_version`; the parser fills in the first two when they are
+missing. Extra fields are kept. Oversized input is rejected with a reason, never truncated. Item
+events are keyed by `item_id`, interactions by `user_id`.
+
+An `ItemChange` is what the encoder worker applied for one item (an upsert with its embedding, or
+a delete): it goes onto the compacted `item-embeddings` topic, keyed by `item_id`, as JSON with the
+embedding in base64 float32 (`change_to_json` / `change_from_json`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
@@ -15,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SCHEMA_VERSION = 1
@@ -197,3 +204,30 @@ def event_json_schemas(limits: Limits = DEFAULT_LIMITS) -> dict[str, dict]:
 def topic_for(event: Event, settings) -> str:
     """Item events go to the item topic, interactions to the user topic."""
     return settings.topic_user_events if isinstance(event, Interaction) else settings.topic_item_events
+
+
+@dataclass(frozen=True)
+class ItemChange:
+    """An applied item upsert or delete, as published on `item-embeddings`."""
+
+    item_id: str
+    ts: float
+    event_id: str
+    deleted: bool
+    embedding: np.ndarray | None = None
+
+
+def change_to_json(change: ItemChange) -> bytes:
+    """The `item-embeddings` message: the change, embedding as base64 float32."""
+    payload = {"item_id": change.item_id, "ts": change.ts, "event_id": change.event_id,
+               "deleted": change.deleted}
+    if change.embedding is not None:
+        payload["embedding"] = base64.b64encode(np.asarray(change.embedding, np.float32).tobytes()).decode()
+    return json.dumps(payload).encode()
+
+
+def change_from_json(value: bytes) -> ItemChange:
+    data = json.loads(value)
+    emb = data.get("embedding")
+    return ItemChange(data["item_id"], float(data["ts"]), data["event_id"], bool(data["deleted"]),
+                      None if emb is None else np.frombuffer(base64.b64decode(emb), dtype=np.float32))

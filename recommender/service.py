@@ -26,8 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ingest.schema import ID_PATTERN, MAX_ID_CHARS, InvalidEvent, event_json_schemas
 from ingest.settings import Settings, add_settings_flags, settings_from_args
 from recommender.core import MAX_K, Recommender, UnknownItem
+from recommender.stopping import StopRequested, abort_on_signal
 
 log = logging.getLogger("recommender.service")
+GRACEFUL_SHUTDOWN_S = 3  # in-flight requests after SIGTERM, then the runtime stops (bounded too)
 
 
 class ErrorBody(BaseModel):
@@ -211,8 +213,13 @@ def app_from_environment() -> FastAPI:
 
     from recommender.runtime import Runtime
 
-    runtime = Runtime(Settings())
-    runtime.start()
+    try:
+        with abort_on_signal():  # uvicorn only watches its signals once the app is loaded
+            runtime = Runtime(Settings())
+            runtime.start()
+    except StopRequested as exc:
+        log.info("%s: not started", exc)
+        raise SystemExit(0) from None  # asked to stop: a clean exit, not a start-up failure
     log.info("replica ready (pid %d, index: %d items)", os.getpid(), len(runtime.index))
 
     @asynccontextmanager
@@ -243,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("serving on http://%s:%d with %d replica(s)", settings.http_host, settings.http_port,
              settings.http_workers)
     uvicorn.run("recommender.service:app_from_environment", factory=True, host=settings.http_host,
-                port=settings.http_port, workers=settings.http_workers, log_level="warning", access_log=False)
+                port=settings.http_port, workers=settings.http_workers, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 if __name__ == "__main__":

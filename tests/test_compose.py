@@ -10,17 +10,15 @@ import importlib.util
 import io
 import os
 import re
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
-from ingest.settings import KAFKA_VERSION, Settings
+from ingest.settings import KAFKA_VERSION, REPO_ROOT, Settings
 
-REPO = Path(__file__).resolve().parent.parent
-COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()
-ENV_EXAMPLE = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+COMPOSE_TEXT = (REPO_ROOT / "docker-compose.yml").read_text()
+ENV_EXAMPLE = dict(line.split("=", 1) for line in (REPO_ROOT / ".env.example").read_text().splitlines()
                    if line.strip() and not line.lstrip().startswith("#"))
 SERVICES = {"kafka", "redis", "topic-init", "worker", "recommender", "ui", "replay"}
 APP_SERVICES = {"topic-init", "worker", "recommender", "ui", "replay"}
@@ -81,7 +79,7 @@ def test_services_and_volumes(compose):
 
 def test_every_ternrec_variable_is_a_setting():
     fields = set(Settings.model_fields)
-    texts = [COMPOSE_TEXT, (REPO / ".env.example").read_text(), (REPO / "Dockerfile").read_text()]
+    texts = [COMPOSE_TEXT, (REPO_ROOT / ".env.example").read_text(), (REPO_ROOT / "Dockerfile").read_text()]
     used = {name for text in texts for name in re.findall(r"TERNREC_([A-Z0-9_]+)", text)}
     assert used, "the compose file configures the app through TERNREC_* variables"
     unknown = sorted(f"TERNREC_{n}" for n in used if n.lower() not in fields)
@@ -147,7 +145,7 @@ def _module_of(command: list[str]) -> str | None:
     return command[command.index("-m") + 1] if "-m" in command else None
 
 
-@pytest.mark.parametrize("service, module", [("worker", "encoder.worker"), ("recommender", "recommender.service"),
+@pytest.mark.parametrize("service, module", [("worker", "recommender.worker"), ("recommender", "recommender.service"),
                                              ("replay", "ingest.replay")])
 def test_commands_run_existing_modules_with_valid_flags(compose, service, module, monkeypatch):
     command = compose["services"][service]["command"]
@@ -183,13 +181,13 @@ def test_topic_init_and_ui_commands(compose, monkeypatch, capsys):
     assert "topics ready: item-events user-events item-embeddings dead-letter" in capsys.readouterr().out
     ui = compose["services"]["ui"]["command"][-1]
     script = re.search(r"streamlit run (\S+)", ui).group(1)
-    assert (REPO / script).is_file()  # the image's WORKDIR is a copy of the repository
+    assert (REPO_ROOT / script).is_file()  # the image's WORKDIR is a copy of the repository
 
 
 def test_dockerfile_and_env_file():
-    dockerfile = (REPO / "Dockerfile").read_text()
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
     assert "download.pytorch.org/whl/cpu" in dockerfile and "pip install ." in dockerfile
-    assert ".env" in (REPO / ".dockerignore").read_text().split()  # no secrets in the image
+    assert ".env" in (REPO_ROOT / ".dockerignore").read_text().split()  # no secrets in the image
     required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE_TEXT))
     assert required <= {k for k, v in ENV_EXAMPLE.items() if v}, "every required variable has an example"

@@ -1,4 +1,4 @@
-"""The UI's one HTTP client for the recommender service (DESIGN.md seams), with timeouts.
+"""The UI's one HTTP client for the recommender service (docs/ARCHITECTURE.md, seams), with timeouts.
 
 Every failure becomes a `ServiceError` whose message is fit to show a visitor as is: the page
 renders it with `st.error` / `st.warning`, never a traceback.
