@@ -77,17 +77,22 @@ def start_chromium(profile_dir: Path):
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
 
 
+# Read in one script run: the page re-renders while the list fills, and element handles taken one
+# at a time go stale between two reads (seen: "stale element reference" half-way through the list).
+CARD_TITLES_JS = """
+const titles = [];
+for (let rank = 0; rank < 100; rank++) {
+  const card = document.querySelector(`.st-key-rec-${rank} strong`);
+  if (!card) break;
+  titles.push(card.innerText);
+}
+return titles;
+"""
+
+
 def card_titles(driver) -> list[str]:
     """Titles of the recommendation cards, in rank order ('3. Dune' -> 'Dune')."""
-    from selenium.webdriver.common.by import By
-
-    titles = []
-    for rank in range(100):
-        cards = driver.find_elements(By.CSS_SELECTOR, f".st-key-rec-{rank} strong")
-        if not cards:
-            break
-        titles.append(cards[0].text.split(". ", 1)[-1])
-    return titles
+    return [text.split(". ", 1)[-1] for text in driver.execute_script(CARD_TITLES_JS)]
 
 
 def latency_text(driver) -> str:
