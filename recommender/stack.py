@@ -5,9 +5,12 @@ the services as child processes with their settings in the environment, like com
 the encoder worker, the recommender (TERNREC_HTTP_PORT), the Streamlit UI (TERNREC_UI_PORT) and a
 one-shot replay of the catalog. A long-running service that dies is restarted (with back-off, as
 compose's `restart: on-failure`); the replay job is restarted only when it fails, and resumes where
-it stopped. Prints the URLs once the recommender answers. SIGINT/SIGTERM stops everything it started
-within 10 s, at any moment (start-up included); every child is started by ingest.services.process,
-so it dies with the stack even when the stack itself is SIGKILLed.
+it stopped. Kafka and Redis are supervised the same way: a broker or redis-server that dies is
+started again on the same port and data dir (its data survive), with the same back-off, and the
+services reconnect to it by themselves. Prints the URLs once the recommender answers.
+SIGINT/SIGTERM stops everything it started within 10 s, at any moment (start-up included); every
+child is started by ingest.services.process, so it dies with the stack even when the stack itself
+is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from pathlib import Path
 import httpx
 
 from ingest.services import LocalKafka, LocalRedis, fetch_kafka_jars, kafka_jars_ready
-from ingest.services.process import signal_group, spawn_child, stop_child
+from ingest.services.lifecycle import LocalService
+from ingest.services.process import ServiceError, signal_group, spawn_child, stop_child
 from ingest.settings import REPO_ROOT, Settings
 from recommender.stopping import StopRequested, abort_on_signal
 
@@ -34,6 +38,21 @@ from recommender.stopping import StopRequested, abort_on_signal
 # Redis, stopped side by side, BROKERS_STOP_S (their data dirs are temporary: nothing to save).
 SERVICES_STOP_S = 5.0
 BROKERS_STOP_S = 3.0
+
+
+def backoff_s(restarts: int) -> float:
+    """1, 2, 4, ... 30 s: a crash loop does not spin, a one-off crash is repaired at once."""
+    return min(30.0, 2.0 ** min(restarts, 5))
+
+
+@dataclass
+class Dependency:
+    """Kafka or Redis under supervision: restarted in place (same port, same data) when it dies."""
+
+    name: str
+    server: LocalService
+    restarts: int = 0
+    next_start: float = 0.0
 
 
 @dataclass
@@ -55,6 +74,7 @@ class Supervisor:
         self.env = env
         self.log_dir = log_dir
         self.services: list[Service] = []
+        self.dependencies: list[Dependency] = []
         self.stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -72,9 +92,14 @@ class Supervisor:
         self._watcher = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._watcher.start()
 
+    def watch_dependency(self, name: str, server: LocalService) -> None:
+        self.dependencies.append(Dependency(name, server))
+
     def _watch(self) -> None:
-        """Restarts services that died, until stop() is called."""
+        """Restarts the dependencies and services that died, until stop() is called."""
         while not self.stopping.wait(0.5):
+            for dep in self.dependencies:
+                self._revive(dep)
             for service in self.services:
                 if service.done or service.proc is None or service.proc.poll() is None:
                     continue
@@ -85,7 +110,7 @@ class Supervisor:
                     continue
                 now = time.monotonic()
                 if service.next_start == 0.0:
-                    delay = min(30.0, 2.0 ** min(service.restarts, 5))
+                    delay = backoff_s(service.restarts)
                     service.next_start = now + delay
                     print(f"[stack] {service.name} exited with {code}; restarting in {delay:.0f} s "
                           f"(see {service.log})", flush=True)
@@ -93,6 +118,25 @@ class Supervisor:
                     service.restarts += 1
                     service.next_start = 0.0
                     self._start(service)
+
+    def _revive(self, dep: Dependency) -> None:
+        """Starts a dead Kafka or Redis again after its back-off (on this thread: a stop waits for it)."""
+        if dep.server.running:
+            return
+        now = time.monotonic()
+        if dep.next_start == 0.0:
+            code = dep.server.proc.returncode if dep.server.proc is not None else None
+            dep.next_start = now + backoff_s(dep.restarts)
+            print(f"[stack] {dep.name} (pid {dep.server.pid}) exited with {code}; restarting it on the same "
+                  f"port and data in {dep.next_start - now:.0f} s", flush=True)
+        elif now >= dep.next_start and not self.stopping.is_set():
+            dep.restarts += 1
+            dep.next_start = 0.0
+            try:
+                dep.server.restart(graceful=False)
+                print(f"[stack] {dep.name} restarted (pid {dep.server.pid})", flush=True)
+            except ServiceError as exc:  # tried again after the next back-off
+                print(f"[stack] {dep.name} failed to restart: {exc}", flush=True)
 
     def stop(self, timeout: float = SERVICES_STOP_S) -> None:
         """SIGTERM to every service at once; whatever still runs after `timeout` s is SIGKILLed."""
@@ -137,7 +181,9 @@ class Stack:
         began = time.perf_counter()
         self.kafka = kafka = LocalKafka(settings, partitions=settings.partitions)
         kafka.start()
-        self.redis = redis_server = LocalRedis(password=secrets.token_urlsafe(16))
+        # fsync before every reply: the worker commits its Kafka offsets once Redis has taken the writes,
+        # so a SIGKILLed redis-server must not take the last second of them with it.
+        self.redis = redis_server = LocalRedis(password=secrets.token_urlsafe(16), appendfsync="always")
         redis_server.start()
         print(f"[stack] Kafka {kafka.bootstrap} (pid {kafka.pid}) and Redis 127.0.0.1:{redis_server.port} "
               f"(pid {redis_server.pid}) up in {time.perf_counter() - began:.1f} s", flush=True)
@@ -147,6 +193,8 @@ class Stack:
         log_dir = kafka.data_dir / "stack-logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = supervisor = Supervisor(env, log_dir)
+        supervisor.watch_dependency("kafka", kafka)
+        supervisor.watch_dependency("redis", redis_server)
         python = sys.executable
         ui_app = REPO_ROOT / "ui" / "app.py"
         for n in range(args.workers):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from ingest.services.process import process_tree, spawn_child
+from ingest.services.process import free_port, process_tree, spawn_child
 from ingest.settings import REPO_ROOT, Settings
 
 
@@ -83,3 +84,29 @@ def exit_seconds(procs: list[subprocess.Popen], timeout: float) -> list[float | 
                 took[n] = time.monotonic() - began
         time.sleep(0.05)
     return took
+
+
+def read_until(proc, log_lines, pattern, timeout):
+    """Reads the output of `proc` into `log_lines` until a line matches `pattern`; the match."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        log_lines.append(line)
+        if match := re.search(pattern, line):
+            return match
+    raise AssertionError(f"no line matching {pattern!r}; output so far:\n{''.join(log_lines)}")
+
+
+def start_stack(*flags: str) -> tuple[subprocess.Popen, int]:
+    """`python -m recommender.stack` (hashing encoder: these tests are about processes) on free ports;
+    returns the process (its output on .stdout) and the HTTP port."""
+    http_port = free_port()
+    env = {**os.environ, "TERNREC_HTTP_PORT": str(http_port), "TERNREC_UI_PORT": str(free_port()),
+           "TERNREC_ENCODER": "hashing:384", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "recommender.stack", *flags], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return proc, http_port

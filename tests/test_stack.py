@@ -4,41 +4,15 @@ process the stack started, and a SIGKILLed stack leaves none of them running."""
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from ingest.services import free_port, pid_alive
-from ingest.settings import REPO_ROOT
-from tests.processes import kill_survivors, snapshot_tree, survivors
+from ingest.services import pid_alive
+from tests.processes import kill_survivors, read_until, snapshot_tree, start_stack, survivors
 
 pytestmark = pytest.mark.integration
-
-
-def read_until(proc, log_lines, pattern, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        log_lines.append(line)
-        if match := re.search(pattern, line):
-            return match
-    raise AssertionError(f"no line matching {pattern!r}; output so far:\n{''.join(log_lines)}")
-
-
-def start_stack(*flags: str) -> tuple[subprocess.Popen, int]:
-    http_port = free_port()
-    env = {**os.environ, "TERNREC_HTTP_PORT": str(http_port), "TERNREC_UI_PORT": str(free_port()),
-           "TERNREC_ENCODER": "hashing:384", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "recommender.stack", *flags], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    return proc, http_port
 
 
 def test_stack_serves_restarts_and_stops_cleanly(kafka):  # `kafka` makes sure the jars are fetched
