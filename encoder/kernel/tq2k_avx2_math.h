@@ -31,45 +31,43 @@ TQ2K_INLINE int32_t tq2k_hsum8i(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* exp(x) for x in about [-87, 88] (smaller gives 0): x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for
- * e^r (Cephes expf coefficients), times 2^n through the exponent bits; relative error ~2e-7. */
-TQ2K_INLINE __m256 tq2k_exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 split in two for exactness */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    /* n in [-126, 128]: split 2^n = 2^(n/2) * 2^(n - n/2) so neither factor overflows the exponent field */
-    const __m256i ni = _mm256_cvtps_epi32(n);
-    const __m256i half = _mm256_srai_epi32(ni, 1);
-    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
-    const __m256 s2 = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
-    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+/* 2^x for x <= 128 (below -126 gives about 2^-126): x = n + f, |f| <= 1/2, Taylor polynomial of degree 7 for
+ * 2^f (relative error ~5e-9 before float rounding), 2^n through the exponent bits. */
+TQ2K_INLINE __m256 tq2k_exp2_8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(127.0f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.5252733804e-5f);                    /* ln2^7 / 7! */
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530394e-4f));   /* ln2^6 / 6! */
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108665e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650696e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718056e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* erf(x): Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7 (the int8 quantization that follows GELU is ~1e-2). */
+/* exp(x) = 2^(x log2 e) */
+TQ2K_INLINE __m256 tq2k_exp8(__m256 x) { return tq2k_exp2_8(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f))); }
+
+/* erf(x) as x * P(x^2) / Q(x^2) on [-4, 4] (the rational approximation of Eigen / XLA; erf(4) is 1 in float),
+ * |error| <= 4.2e-7: no exp, one division (the int8 quantization that follows GELU has steps of ~1e-2). */
 TQ2K_INLINE __m256 tq2k_erf8(__m256 x) {
-    const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
-    const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-    const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a,
-                                                                          _mm256_set1_ps(1.0f)));
-    __m256 p = _mm256_set1_ps(1.061405429f);
-    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-    p = _mm256_mul_ps(p, t);
-    const __m256 e = tq2k_exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
-    const __m256 y = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f));
-    return _mm256_or_ps(y, sign);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-4.0f)), _mm256_set1_ps(4.0f));
+    const __m256 x2 = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_fmadd_ps(x2, _mm256_set1_ps(-2.72614225801306e-10f), _mm256_set1_ps(2.77068142495902e-08f));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-2.10102402082508e-06f));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-5.69250639462346e-05f));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-7.34990630326855e-04f));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-2.95459980854025e-03f));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-1.60960333262415e-02f));
+    __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(-1.45660718464996e-05f), _mm256_set1_ps(-2.13374055278905e-04f));
+    q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-1.68282697438203e-03f));
+    q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-7.37332916720468e-03f));
+    q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-1.42647390514189e-02f));
+    return _mm256_div_ps(_mm256_mul_ps(x, p), q);
 }
 
 TQ2K_INLINE __m256 tq2k_activation8(int fn, __m256 v) {

@@ -3,6 +3,7 @@
  * pooling. Shapes the vector code does not cover (head size not a multiple of 8) use the reference. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "tq2k.h"
 
@@ -116,15 +117,15 @@ void tq2k_embed_avx2(const tq2k_model *m, const int32_t *ids, const int32_t *pos
     }
 }
 
-/* scores[r][j] = scale * q_r . k_j for R query rows and keys [0, Lp) (kt: (hd, Lp), keys zero padded) */
-TQ2K_INLINE void scores_block(const float *qrow, size_t ld, const int R, const float *kt, int hd, int Lp, float scale,
-                              float *sc) {
+/* scores[r][j] = scale * q_r . k_j for R query rows and keys [0, Lp) (kt: (hd, ldk), keys zero padded) */
+TQ2K_INLINE void scores_block(const float *qrow, size_t ld, const int R, const float *kt, int hd, int Lp, int ldk,
+                              float scale, float *sc) {
     for (int j = 0; j < Lp; j += 16) {
         __m256 acc[QB][2];
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
         for (int d = 0; d < hd; d++) {
-            const __m256 k0 = _mm256_loadu_ps(kt + (size_t)d * Lp + j), k1 = _mm256_loadu_ps(kt + (size_t)d * Lp + j + 8);
+            const __m256 k0 = _mm256_loadu_ps(kt + (size_t)d * ldk + j), k1 = _mm256_loadu_ps(kt + (size_t)d * ldk + j + 8);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 const __m256 qb = _mm256_set1_ps(qrow[r * ld + d]);
@@ -141,7 +142,7 @@ TQ2K_INLINE void scores_block(const float *qrow, size_t ld, const int R, const f
     }
 }
 
-/* In place softmax numerator of scores p[0, L) (entries [L, Lp) set to 0); returns the sum. */
+/* In place softmax numerator 2^(p - max) of base-2 scores p[0, L) (entries [L, Lp) set to 0); returns the sum. */
 static float softmax_row(float *p, int L, int Lp) {
     __m256 vmax = _mm256_set1_ps(-INFINITY);
     int j = 0;
@@ -153,25 +154,25 @@ static float softmax_row(float *p, int L, int Lp) {
     __m256 vsum = _mm256_setzero_ps();
     for (j = 0; j < Lp; j += 8) {
         const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(L - j), idx));
-        const __m256 e = _mm256_and_ps(tq2k_exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), vm)), valid);
+        const __m256 e = _mm256_and_ps(tq2k_exp2_8(_mm256_sub_ps(_mm256_loadu_ps(p + j), vm)), valid);
         _mm256_storeu_ps(p + j, e);
         vsum = _mm256_add_ps(vsum, e);
     }
     return tq2k_hsum8(vsum);
 }
 
-/* ctx[r] = sum_j p[r][j] v_j / sum[r] for R <= 2 rows, head size hd (a multiple of 8, at most 64) */
-TQ2K_INLINE void weighted_values(const float *p, int Lp, const int R, const float *v, size_t ld, int L, int hd,
+/* ctx[r] = sum_j p[r][j] v_j / sum[r] for R <= 2 rows, NV = head size / 8 vectors (compile-time, so the
+ * 2 x NV accumulators stay in registers) */
+TQ2K_INLINE void weighted_values(const float *p, int Lp, const int R, const float *v, size_t ld, int L, const int NV,
                                  const float *sum, float *ctx, size_t ldc) {
     __m256 acc[2][8];
-    const int nv = hd / 8;
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < nv; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int r = 0; r < 2; r++)
+        for (int c = 0; c < NV; c++) acc[r][c] = _mm256_setzero_ps();
     for (int j = 0; j < L; j++) {
         const float *vj = v + (size_t)j * ld;
         const __m256 p0 = _mm256_set1_ps(p[j]);
-        const __m256 p1 = R > 1 ? _mm256_set1_ps(p[Lp + j]) : p0;
-        for (int c = 0; c < nv; c++) {
+        const __m256 p1 = _mm256_set1_ps(R > 1 ? p[Lp + j] : 0.0f);
+        for (int c = 0; c < NV; c++) {
             const __m256 vv = _mm256_loadu_ps(vj + 8 * c);
             acc[0][c] = _mm256_fmadd_ps(p0, vv, acc[0][c]);
             if (R > 1) acc[1][c] = _mm256_fmadd_ps(p1, vv, acc[1][c]);
@@ -179,8 +180,21 @@ TQ2K_INLINE void weighted_values(const float *p, int Lp, const int R, const floa
     }
     for (int r = 0; r < R; r++) {
         const __m256 inv = _mm256_set1_ps(1.0f / sum[r]);
-        for (int c = 0; c < nv; c++) _mm256_storeu_ps(ctx + r * ldc + 8 * c, _mm256_mul_ps(acc[r][c], inv));
+        for (int c = 0; c < NV; c++) _mm256_storeu_ps(ctx + r * ldc + 8 * c, _mm256_mul_ps(acc[r][c], inv));
     }
+}
+
+static void weighted_values_any(const float *p, int Lp, int R, const float *v, size_t ld, int L, int hd,
+                                const float *sum, float *ctx, size_t ldc) {
+#define TQ2K_WV(NV)                                                                                              \
+    case NV:                                                                                                     \
+        if (R > 1) weighted_values(p, Lp, 2, v, ld, L, NV, sum, ctx, ldc);                                       \
+        else weighted_values(p, Lp, 1, v, ld, L, NV, sum, ctx, ldc);                                             \
+        break;
+    switch (hd / 8) {
+        TQ2K_WV(1) TQ2K_WV(2) TQ2K_WV(3) TQ2K_WV(4) TQ2K_WV(5) TQ2K_WV(6) TQ2K_WV(7) default: TQ2K_WV(8)
+    }
+#undef TQ2K_WV
 }
 
 void tq2k_attention_avx2(float *qkv, int hidden, int heads, int t0, int L, int h0, int h1, tq2k_act *a) {
@@ -190,36 +204,40 @@ void tq2k_attention_avx2(float *qkv, int hidden, int heads, int t0, int L, int h
         return;
     }
     const size_t ld = 3 * (size_t)hidden;
-    const int Lp = (L + 15) / 16 * 16, nh = h1 - h0;
-    const float scale = 1.0f / sqrtf((float)hd);
-    float *kt = (float *)malloc(((size_t)nh * hd + QB) * Lp * sizeof(float));
-    if (!kt) abort(); /* under 200 KB even for 512 tokens */
-    float *sc = kt + (size_t)nh * hd * Lp;
-    for (int hh = 0; hh < nh; hh++) { /* keys transposed per head: kt[d][j], zero past L */
-        float *k = kt + (size_t)hh * hd * Lp;
+    /* keys padded to 16; +16 on the row stride of the transposed keys: a power-of-two stride would map all
+     * hd rows of a key block to the same few L1 sets */
+    const int Lp = (L + 15) / 16 * 16, ldk = Lp + 16, nh = h1 - h0;
+    const float scale = 1.44269504088896341f / sqrtf((float)hd); /* base-2 scores: softmax through 2^x */
+    float *kt = (float *)malloc(((size_t)nh * hd * ldk + (size_t)nh * L * hd + (size_t)QB * Lp) * sizeof(float));
+    if (!kt) abort(); /* under 300 KB even for 512 tokens */
+    float *vc = kt + (size_t)nh * hd * ldk, *sc = vc + (size_t)nh * L * hd;
+    for (int hh = 0; hh < nh; hh++) { /* per head: keys transposed, kt[d][j] (zero past L); values contiguous */
+        float *k = kt + (size_t)hh * hd * ldk, *v = vc + (size_t)hh * L * hd;
         for (int j = 0; j < L; j++) {
             const float *src = qkv + (size_t)(t0 + j) * ld + hidden + (size_t)(h0 + hh) * hd;
-            for (int d = 0; d < hd; d++) k[(size_t)d * Lp + j] = src[d];
+            for (int d = 0; d < hd; d++) k[(size_t)d * ldk + j] = src[d];
+            memcpy(v + (size_t)j * hd, src + hidden, (size_t)hd * sizeof(float));
         }
         for (int d = 0; d < hd; d++)
-            for (int j = L; j < Lp; j++) k[(size_t)d * Lp + j] = 0.0f;
+            for (int j = L; j < Lp; j++) k[(size_t)d * ldk + j] = 0.0f;
     }
     const int g0 = h0 * hd / TQ2K_GROUP, g1 = (h1 * hd + TQ2K_GROUP - 1) / TQ2K_GROUP;
     for (int i0 = 0; i0 < L; i0 += QB) {
         const int R = L - i0 < QB ? L - i0 : QB;
         for (int hh = 0; hh < nh; hh++) {
             float *q = qkv + (size_t)(t0 + i0) * ld + (size_t)(h0 + hh) * hd;
+            const float *k = kt + (size_t)hh * hd * ldk;
             switch (R) {
-                case 1: scores_block(q, ld, 1, kt + (size_t)hh * hd * Lp, hd, Lp, scale, sc); break;
-                case 2: scores_block(q, ld, 2, kt + (size_t)hh * hd * Lp, hd, Lp, scale, sc); break;
-                case 3: scores_block(q, ld, 3, kt + (size_t)hh * hd * Lp, hd, Lp, scale, sc); break;
-                default: scores_block(q, ld, 4, kt + (size_t)hh * hd * Lp, hd, Lp, scale, sc); break;
+                case 1: scores_block(q, ld, 1, k, hd, Lp, ldk, scale, sc); break;
+                case 2: scores_block(q, ld, 2, k, hd, Lp, ldk, scale, sc); break;
+                case 3: scores_block(q, ld, 3, k, hd, Lp, ldk, scale, sc); break;
+                default: scores_block(q, ld, 4, k, hd, Lp, ldk, scale, sc); break;
             }
             float sum[QB];
             for (int r = 0; r < R; r++) sum[r] = softmax_row(sc + (size_t)r * Lp, L, Lp);
-            const float *v = qkv + (size_t)t0 * ld + 2 * (size_t)hidden + (size_t)(h0 + hh) * hd;
+            const float *v = vc + (size_t)hh * L * hd;
             for (int r = 0; r < R; r += 2) /* the queries of these rows are not needed again: overwrite them */
-                weighted_values(sc + (size_t)r * Lp, Lp, R - r > 1 ? 2 : 1, v, ld, L, hd, sum + r, q + r * ld, ld);
+                weighted_values_any(sc + (size_t)r * Lp, Lp, R - r, v, (size_t)hd, L, hd, sum + r, q + r * ld, ld);
         }
         if (a)
             for (int r = 0; r < R; r++) quantize_row_groups(qkv + (size_t)(t0 + i0 + r) * ld, hidden, a, t0 + i0 + r, g0, g1);
