@@ -4,19 +4,18 @@
  * per-call overhead to a few microseconds for PackedTernaryLinear. Everything else takes buffer objects
  * (numpy arrays) and checks their byte sizes here, so no call can read or write past a buffer; dtypes are
  * the wrapper's job. `model_new` holds views of the model's arrays for the model's lifetime (a capsule), so
- * `encode` hands C nothing but the token ids of one batch, and runs with the GIL released. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+ * `encode` hands C nothing but the token ids of one batch, and runs with the GIL released. The entry points
+ * of single operations, for the tests, are in tq2k_ops_py.c. */
+#include "tq2k_py.h"
+
 #include <stdlib.h>
 #include <string.h>
-
-#include "tq2k.h"
 
 static const char *const PATH_NAMES[TQ2K_NPATHS] = {"reference", "avx2", "avx512vnni", "avx512f32"};
 /* Best first; the last entry (the reference) is always available. */
 static const int PATH_ORDER[TQ2K_NPATHS] = {TQ2K_AVX512VNNI, TQ2K_AVX2, TQ2K_AVX512F32, TQ2K_REF};
 
-static int path_available(int path) {
+int path_available(int path) {
     if (path == TQ2K_REF) return 1;
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
     __builtin_cpu_init();
@@ -31,7 +30,7 @@ static int path_available(int path) {
 }
 
 /* The operations of an int8 path, or NULL (with an exception) for a bad or unavailable one. */
-static const tq2k_ops *int8_ops(int path) {
+const tq2k_ops *int8_ops(int path) {
     if (path < 0 || path >= TQ2K_NPATHS || !path_available(path)) {
         PyErr_Format(PyExc_RuntimeError, "kernel path %d is not available on this CPU", path);
         return NULL;
@@ -73,7 +72,7 @@ static int alloc_act(tq2k_act *a, int rows, int K) {
     return -1;
 }
 
-static tq2k_linear make_linear(const void *w, int N, int K, const void *scale, const void *bias) {
+tq2k_linear make_linear(const void *w, int N, int K, const void *scale, const void *bias) {
     tq2k_linear L;
     L.w = (const uint8_t *)w; L.scale = (const float *)scale; L.bias = (const float *)bias;
     L.N = N; L.K = K; L.kpad = tq2k_pad16(K); L.groups = tq2k_groups(L.kpad);
@@ -112,20 +111,13 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
 
 /* ----------------------------------------------------------------------------------------- buffers */
 
-#define MAX_VIEWS 12
-
-typedef struct {
-    Py_buffer v[MAX_VIEWS];
-    int n;
-} views;
-
-static void release_views(views *vs) {
+void release_views(views *vs) {
     for (int i = 0; i < vs->n; i++) PyBuffer_Release(&vs->v[i]);
     vs->n = 0;
 }
 
 /* A C-contiguous view of at least `need` bytes (writable if asked); NULL with an exception otherwise. */
-static void *view_of(views *vs, PyObject *obj, Py_ssize_t need, int writable, const char *name) {
+void *view_of(views *vs, PyObject *obj, Py_ssize_t need, int writable, const char *name) {
     if (vs->n == MAX_VIEWS) {
         PyErr_SetString(PyExc_RuntimeError, "too many buffers");
         return NULL;
@@ -142,7 +134,7 @@ static void *view_of(views *vs, PyObject *obj, Py_ssize_t need, int writable, co
 }
 
 /* (q, sx, qsum) buffers of activations for `rows` rows of K inputs */
-static int act_of(views *vs, PyObject *tuple, int rows, int K, tq2k_act *a) {
+int act_of(views *vs, PyObject *tuple, int rows, int K, tq2k_act *a) {
     PyObject *q, *sx, *qsum;
     if (!PyArg_ParseTuple(tuple, "OOO", &q, &sx, &qsum)) return -1;
     a->kpad = tq2k_pad16(K);
@@ -156,7 +148,7 @@ static int act_of(views *vs, PyObject *tuple, int rows, int K, tq2k_act *a) {
 }
 
 /* Checks sequence offsets: offsets[0] = 0, every length in [1, max_len], offsets[nseq] = tokens. */
-static int check_offsets(const int32_t *offsets, int nseq, Py_ssize_t tokens, int max_len) {
+int check_offsets(const int32_t *offsets, int nseq, Py_ssize_t tokens, int max_len) {
     if (offsets[0] != 0 || offsets[nseq] != tokens) {
         PyErr_Format(PyExc_ValueError, "offsets must run from 0 to the number of tokens (%zd)", tokens);
         return -1;
@@ -279,7 +271,7 @@ fail:
     return NULL;
 }
 
-static const tq2k_model *model_of(PyObject *capsule) {
+const tq2k_model *model_of(PyObject *capsule) {
     model_holder *h = (model_holder *)PyCapsule_GetPointer(capsule, "tq2k.model");
     return h ? &h->m : NULL;
 }
@@ -316,163 +308,6 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     }
     release_views(&vs);
     if (rc) return NULL;
-    Py_RETURN_NONE;
-}
-
-/* ----------------------------------------------------------------------------------------- single ops (tests) */
-
-/* op_quantize(path, x float32 (rows, K), rows, K, (q, sx, qsum)) */
-static PyObject *py_op_quantize(PyObject *self, PyObject *args) {
-    (void)self;
-    int path, rows, K;
-    PyObject *x_o, *act_o;
-    if (!PyArg_ParseTuple(args, "iOiiO", &path, &x_o, &rows, &K, &act_o)) return NULL;
-    const tq2k_ops *ops = int8_ops(path);
-    if (!ops) return NULL;
-    views vs = {.n = 0};
-    tq2k_act a;
-    const float *x = (const float *)view_of(&vs, x_o, (Py_ssize_t)rows * K * 4, 0, "x");
-    if (x && act_of(&vs, act_o, rows, K, &a) == 0) ops->quantize(x, K, K, &a, 0, rows);
-    release_views(&vs);
-    if (PyErr_Occurred()) return NULL;
-    Py_RETURN_NONE;
-}
-
-/* op_gemm(path, (q, sx, qsum), rows, K, (w, scale, bias or None), N, epilogue, act_fn, y or None,
- *         (q, sx, qsum) or None, threads): the input must be quantized already */
-static PyObject *py_op_gemm(PyObject *self, PyObject *args) {
-    (void)self;
-    int path, rows, K, N, epi, act_fn, threads;
-    PyObject *in_o, *lin_o, *y_o, *out_o, *w_o, *s_o, *b_o;
-    if (!PyArg_ParseTuple(args, "iOiiOiiiOOi", &path, &in_o, &rows, &K, &lin_o, &N, &epi, &act_fn, &y_o, &out_o,
-                          &threads))
-        return NULL;
-    const tq2k_ops *ops = int8_ops(path);
-    if (!ops) return NULL;
-    if (rows < 0 || K < 1 || N < 1 || threads < 1 || epi < 0 || epi > TQ2K_EPI_ACT_QUANT || act_fn < 0 ||
-        act_fn > TQ2K_RELU)
-        return PyErr_Format(PyExc_ValueError, "bad op_gemm arguments");
-    if (!PyArg_ParseTuple(lin_o, "OOO", &w_o, &s_o, &b_o)) return NULL;
-    views vs = {.n = 0};
-    tq2k_act in, out = {0};
-    const void *w = NULL, *scale = NULL, *bias = NULL;
-    float *y = NULL;
-    int ok = act_of(&vs, in_o, rows, K, &in) == 0;
-    ok = ok && (w = view_of(&vs, w_o, (Py_ssize_t)tq2k_pad16(N) * tq2k_pad16(K) / 4, 0, "w"));
-    ok = ok && (scale = view_of(&vs, s_o, (Py_ssize_t)N * 4, 0, "scale"));
-    ok = ok && (b_o == Py_None || (bias = view_of(&vs, b_o, (Py_ssize_t)N * 4, 0, "bias")));
-    if (ok && epi == TQ2K_EPI_ACT_QUANT) ok = act_of(&vs, out_o, rows, N, &out) == 0;
-    else if (ok) ok = (y = (float *)view_of(&vs, y_o, (Py_ssize_t)rows * N * 4, 1, "y")) != NULL;
-    if (ok) {
-        const tq2k_linear L = make_linear(w, N, K, scale, bias);
-        const tq2k_gemm_job job = {&L, &in, rows, epi, y, N, &out, act_fn};
-        Py_BEGIN_ALLOW_THREADS
-        tq2k_gemm_run(ops, &job, threads);
-        Py_END_ALLOW_THREADS
-    }
-    release_views(&vs);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
-}
-
-/* op_layernorm(path, x float32 (rows, hidden) in place, rows, hidden, w, b, eps, (q, sx, qsum) or None) */
-static PyObject *py_op_layernorm(PyObject *self, PyObject *args) {
-    (void)self;
-    int path, rows, hidden;
-    float eps;
-    PyObject *x_o, *w_o, *b_o, *act_o;
-    if (!PyArg_ParseTuple(args, "iOiiOOfO", &path, &x_o, &rows, &hidden, &w_o, &b_o, &eps, &act_o)) return NULL;
-    const tq2k_ops *ops = int8_ops(path);
-    if (!ops) return NULL;
-    views vs = {.n = 0};
-    tq2k_act a;
-    float *x = (float *)view_of(&vs, x_o, (Py_ssize_t)rows * hidden * 4, 1, "x");
-    const float *w = x ? (const float *)view_of(&vs, w_o, (Py_ssize_t)hidden * 4, 0, "w") : NULL;
-    const float *b = w ? (const float *)view_of(&vs, b_o, (Py_ssize_t)hidden * 4, 0, "b") : NULL;
-    const int ok = b && (act_o == Py_None || act_of(&vs, act_o, rows, hidden, &a) == 0);
-    if (ok) ops->layernorm(x, hidden, w, b, eps, act_o == Py_None ? NULL : &a, 0, rows);
-    release_views(&vs);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
-}
-
-/* op_attention(path, qkv float32 (tokens, 3 hidden) in place, offsets int32, hidden, heads, heads_per_item,
- *              (q, sx, qsum) or None) */
-static PyObject *py_op_attention(PyObject *self, PyObject *args) {
-    (void)self;
-    int path, hidden, heads, per_item;
-    PyObject *qkv_o, *off_o, *act_o;
-    if (!PyArg_ParseTuple(args, "iOOiiiO", &path, &qkv_o, &off_o, &hidden, &heads, &per_item, &act_o)) return NULL;
-    const tq2k_ops *ops = int8_ops(path);
-    if (!ops) return NULL;
-    if (hidden < 1 || heads < 1 || hidden % heads || per_item < 1)
-        return PyErr_Format(PyExc_ValueError, "bad attention shape");
-    views vs = {.n = 0};
-    tq2k_act a;
-    const int32_t *offsets = (const int32_t *)view_of(&vs, off_o, 4, 0, "offsets");
-    const int nseq = offsets ? (int)(vs.v[0].len / 4) - 1 : 0;
-    const Py_ssize_t tokens = offsets ? offsets[nseq] : 0;
-    float *qkv = offsets ? (float *)view_of(&vs, qkv_o, tokens * 3 * hidden * 4, 1, "qkv") : NULL;
-    int ok = qkv && check_offsets(offsets, nseq, tokens, 1 << 20) == 0;
-    ok = ok && (act_o == Py_None || act_of(&vs, act_o, (int)tokens, hidden, &a) == 0);
-    for (int s = 0; ok && s < nseq; s++)
-        for (int h0 = 0; h0 < heads; h0 += per_item)
-            ops->attention(qkv, hidden, heads, offsets[s], offsets[s + 1] - offsets[s], h0,
-                           h0 + per_item < heads ? h0 + per_item : heads, act_o == Py_None ? NULL : &a);
-    release_views(&vs);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
-}
-
-/* op_embed(model, path, ids int32, pos int32, x float32 (tokens, hidden), (q, sx, qsum) or None) */
-static PyObject *py_op_embed(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *cap, *ids_o, *pos_o, *x_o, *act_o;
-    int path;
-    if (!PyArg_ParseTuple(args, "OiOOOO", &cap, &path, &ids_o, &pos_o, &x_o, &act_o)) return NULL;
-    const tq2k_model *m = model_of(cap);
-    const tq2k_ops *ops = m ? int8_ops(path) : NULL;
-    if (!ops) return NULL;
-    views vs = {.n = 0};
-    tq2k_act a;
-    const int32_t *ids = (const int32_t *)view_of(&vs, ids_o, 0, 0, "ids");
-    const int tokens = ids ? (int)(vs.v[0].len / 4) : 0;
-    const int32_t *pos = ids ? (const int32_t *)view_of(&vs, pos_o, (Py_ssize_t)tokens * 4, 0, "pos") : NULL;
-    float *x = pos ? (float *)view_of(&vs, x_o, (Py_ssize_t)tokens * m->hidden * 4, 1, "x") : NULL;
-    int ok = x && (act_o == Py_None || act_of(&vs, act_o, tokens, m->hidden, &a) == 0);
-    for (int t = 0; ok && t < tokens; t++)
-        if (ids[t] < 0 || ids[t] >= m->vocab || pos[t] < 0 || pos[t] >= m->max_pos) {
-            PyErr_Format(PyExc_ValueError, "token %d: id or position out of range", t);
-            ok = 0;
-        }
-    if (ok) ops->embed(m, ids, pos, x, act_o == Py_None ? NULL : &a, 0, tokens);
-    release_views(&vs);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
-}
-
-/* op_pool(path, x float32 (tokens, hidden), offsets int32, hidden, pooling, out float32 (nseq, hidden)) */
-static PyObject *py_op_pool(PyObject *self, PyObject *args) {
-    (void)self;
-    int path, hidden, pooling;
-    PyObject *x_o, *off_o, *out_o;
-    if (!PyArg_ParseTuple(args, "iOOiiO", &path, &x_o, &off_o, &hidden, &pooling, &out_o)) return NULL;
-    const tq2k_ops *ops = int8_ops(path);
-    if (!ops) return NULL;
-    views vs = {.n = 0};
-    const int32_t *offsets = (const int32_t *)view_of(&vs, off_o, 4, 0, "offsets");
-    const int nseq = offsets ? (int)(vs.v[0].len / 4) - 1 : 0;
-    const Py_ssize_t tokens = offsets ? offsets[nseq] : 0;
-    const float *x = offsets ? (const float *)view_of(&vs, x_o, tokens * hidden * 4, 0, "x") : NULL;
-    float *out = x ? (float *)view_of(&vs, out_o, (Py_ssize_t)nseq * hidden * 4, 1, "out") : NULL;
-    const int ok = out && hidden > 0 && check_offsets(offsets, nseq, tokens, 1 << 20) == 0;
-    for (int s = 0; ok && s < nseq; s++)
-        ops->pool(x, hidden, offsets[s], offsets[s + 1] - offsets[s], pooling, out + (size_t)s * hidden);
-    release_views(&vs);
-    if (!ok) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad pooling arguments");
-        return NULL;
-    }
     Py_RETURN_NONE;
 }
 
