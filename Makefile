@@ -3,20 +3,23 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two install levels: the core (serving: `pip install -e .`, no torch) and everything (`.[train,dev]`).
+CORE_STAMP := $(VENV)/.installed-core
+FULL_STAMP := $(VENV)/.installed-full
+PACKAGE_SOURCES := pyproject.toml $(wildcard setup.py) $(wildcard encoder/kernel/*.c encoder/kernel/*.h)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test stack bench lint install system-deps kafka-jars browser-deps bench-deps clean
+.PHONY: demo test stack bench lint install install-core system-deps kafka-jars browser-deps bench-deps clean
 
-demo: install
+demo: install-core
 	$(BIN)/python -m recommender.demo
 
 test: install system-deps kafka-jars browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -rs
 
-stack: install system-deps kafka-jars
+stack: install-core system-deps kafka-jars
 	$(BIN)/python -m recommender.stack
 
 bench: install system-deps kafka-jars bench-deps
@@ -25,14 +28,23 @@ bench: install system-deps kafka-jars bench-deps
 lint: install
 	$(BIN)/ruff check .
 
-install: $(STAMP)
+install: $(FULL_STAMP)
 
-# Re-installs when the package definition or the native kernel sources change.
-$(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard encoder/kernel/*.c encoder/kernel/*.h)
+install-core: $(CORE_STAMP)
+
+# Each level re-installs when the package definition or the native kernel sources change. The full install
+# also satisfies the core (its stamp is touched too); a core install never removes the extras.
+$(CORE_STAMP): $(PACKAGE_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e .
 	touch $@
+
+$(FULL_STAMP): $(PACKAGE_SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[train,dev]'
+	touch $@ $(CORE_STAMP)
 
 # redis-server and a Java 17 runtime from Debian, only when missing.
 system-deps:
@@ -46,7 +58,7 @@ system-deps:
 	fi
 
 # Apache Kafka broker jars from Maven Central into ~/.cache/ternrec (reused when present).
-kafka-jars: install system-deps
+kafka-jars: install-core system-deps
 	$(BIN)/python -m ingest.services fetch-kafka
 
 # Debian's Chromium and its driver for the browser test, only when missing.

@@ -17,7 +17,7 @@ setup(
         Extension(
             "encoder.kernel._tq2k",
             sources=sorted(glob.glob("encoder/kernel/*.c")),  # the Makefile re-installs when these change
-            depends=["encoder/kernel/tq2k.h"],
+            depends=sorted(glob.glob("encoder/kernel/*.h")),
             extra_compile_args=compile_args,
             extra_link_args=link_args,
         )

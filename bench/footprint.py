@@ -1,7 +1,7 @@
 """Whole-model footprint of the ternary model and what compressing its token embeddings costs:
 `python -m bench.footprint` -> reports/footprint.json + "## Footprint" in BENCHMARKS.md.
 
-For each token-embedding storage (encoder/ternary_model.py: int8, int4 per row, int4 with one float16
+For each token-embedding storage (encoder/ternary_format.py: int8, int4 per row, int4 with one float16
 scale per 16 or 32 columns) the model directory is converted (a cached copy; the committed model is not
 touched) and measured against the same ternary model with the float32 table:
   bytes: model.safetensors on disk, tensors held in memory (linear / token embedding / other);
@@ -27,12 +27,14 @@ CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec")
 
 
 def measure(model: Path, storages: list[str]) -> dict:
+    from encoder.base_model import default_base_model
     from encoder.evaluate import catalog_texts, neighbour_recall
-    from encoder.loading import default_base_model
-    from encoder.ternary_model import convert_token_embedding, load_ternary_encoder, model_file_bytes
+    from encoder.ternary_export import convert_token_embedding
+    from encoder.ternary_format import model_file_bytes
+    from encoder.ternary_runtime import NativeTernaryEncoder
 
     _, items, _ = catalog_texts()
-    ref_enc = load_ternary_encoder(model, "packed")
+    ref_enc = NativeTernaryEncoder(model)
     ref = ref_enc.encode(items)
     fp32 = (Path(default_base_model()) / "model.safetensors").stat().st_size
     out = {"model": str(model), "fp32_model_file_bytes": fp32, "variants": {}}
@@ -43,7 +45,7 @@ def measure(model: Path, storages: list[str]) -> dict:
         d = CACHE / f"{model.name}-{(model / 'model.safetensors').stat().st_mtime_ns}-{storage}"
         if not (d / "config.json").is_file():
             convert_token_embedding(model, d, storage)
-        enc = load_ternary_encoder(d, "packed")
+        enc = NativeTernaryEncoder(d)
         e = enc.encode(items)
         cos = np.sum(e * ref, axis=1)
         out["variants"][storage] = {

@@ -1,4 +1,6 @@
-"""Item encoders: full precision and ternary (packed 2-bit kernel)."""
+"""Item encoders (`load_encoder`): the packed ternary model on the native kernel (no torch), full precision
+(the `train` extra), and a model-free hashing baseline.
+"""
 
 from encoder.loading import Encoder, load_encoder
 

@@ -369,7 +369,7 @@ def main() -> None:
         (run / "eval.json").write_text(json.dumps(result, indent=1))
         print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1))
     if cfg["export"]:
-        from encoder.ternary_model import save_ternary_model
+        from encoder.ternary_export import save_ternary_model
 
         info = {k: v for k, v in cfg.items() if k not in ("resume", "eval", "export", "out_dir", "run")}
         save_ternary_model(student_st, cfg["out_dir"], base_model=base,

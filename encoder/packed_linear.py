@@ -2,7 +2,8 @@
 
 `y = (x @ codes.T) * scale + bias` with codes in {-1, 0, 1} stored in `encoder.packing`'s layout and run by
 the native kernel (`encoder.kernel`). No float copy of the weight is ever kept: the module holds the packed
-bytes (N_pad * K_pad / 4), one float32 scale per output row and the optional float32 bias.
+bytes (N_pad * K_pad / 4), one float32 scale per output row and the optional float32 bias. Used by the torch
+reference forward (encoder/ternary_torch.py) and bench.kernel; the native encoder calls the kernel from C.
 """
 
 from __future__ import annotations

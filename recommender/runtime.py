@@ -41,7 +41,8 @@ class Runtime:
         self.with_workers = settings.embedded_log if with_workers is None else with_workers
         self.encoder = encoder
         if self.encoder is None and self.with_workers:  # the service alone never encodes
-            self.encoder = load_encoder(settings.resolved_encoder)
+            self.encoder = load_encoder(settings.resolved_encoder, threads=settings.kernel_threads,
+                                   kernel_path=settings.kernel_path or None)
         self.index = ItemIndex()
         self.producer = EventProducer(self.event_log, settings)
         self.recommender = Recommender(self.store, self.index, self.producer, settings, self.metrics)

@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
             ensure_topics(event_log, settings)
             store = Store(open_redis(settings.redis_url))
             wait_for_redis(store)
-            encoder = load_encoder(settings.resolved_encoder)
+            encoder = load_encoder(settings.resolved_encoder, threads=settings.kernel_threads,
+                                   kernel_path=settings.kernel_path or None)
             log.info("encoder %s (dim %d) loaded", encoder.name, encoder.dim)
             threads = []
             if not args.no_profiles:

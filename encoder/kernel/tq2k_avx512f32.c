@@ -15,7 +15,15 @@
 #define JMAX 2
 #define ROW_BLOCK 64
 
-static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const int R, const int J, int m0, int nb0) {
+typedef struct {
+    const float *x;
+    int rows, K, N, kpad;
+    const uint8_t *w;
+    const float *scale, *bias;
+    float *y;
+} f32_args;
+
+static inline __attribute__((always_inline)) void tile(const f32_args *a, const int R, const int J, int m0, int nb0) {
     const int kt = a->kpad / 16;
     const size_t ldw = (size_t)a->kpad * 4;
     const uint8_t *w = a->w + (size_t)nb0 * ldw;
@@ -64,7 +72,7 @@ static inline __attribute__((always_inline)) void tile(const tq2k_args *a, const
     }
 }
 
-static void tile_any(const tq2k_args *a, int R, int J, int m0, int nb0) {
+static void tile_any(const f32_args *a, int R, int J, int m0, int nb0) {
     switch (R * 4 + J) {
         case 5: tile(a, 1, 1, m0, nb0); break;
         case 6: tile(a, 1, 2, m0, nb0); break;
@@ -78,7 +86,7 @@ static void tile_any(const tq2k_args *a, int R, int J, int m0, int nb0) {
 }
 
 static void gemm_item(const void *ctx, int i) {
-    const tq2k_args *a = (const tq2k_args *)ctx;
+    const f32_args *a = (const f32_args *)ctx;
     const int nb = (a->N + 15) / 16, ngroups = (nb + JMAX - 1) / JMAX;
     const int rb = i / ngroups, nb0 = (i % ngroups) * JMAX;
     const int J = nb - nb0 < JMAX ? nb - nb0 : JMAX;
@@ -86,13 +94,16 @@ static void gemm_item(const void *ctx, int i) {
     for (int m0 = rb * ROW_BLOCK; m0 < mend; m0 += RMAX) tile_any(a, mend - m0 < RMAX ? mend - m0 : RMAX, J, m0, nb0);
 }
 
-void tq2k_gemm_avx512f32(const tq2k_args *a) {
-    const int nb = (a->N + 15) / 16;
-    tq2k_parallel((a->rows + ROW_BLOCK - 1) / ROW_BLOCK * ((nb + JMAX - 1) / JMAX), a->threads, gemm_item, a);
+void tq2k_gemm_avx512f32(const float *x, int rows, const tq2k_linear *L, float *y, int threads) {
+    const f32_args a = {x, rows, L->K, L->N, L->kpad, L->w, L->scale, L->bias, y};
+    const int nb = (a.N + 15) / 16;
+    tq2k_parallel((a.rows + ROW_BLOCK - 1) / ROW_BLOCK * ((nb + JMAX - 1) / JMAX), threads, gemm_item, &a);
 }
 
 #pragma GCC pop_options
 
-#else
-void tq2k_gemm_avx512f32(const tq2k_args *a) { tq2k_gemm_ref(a); }
+#else /* not x86-64: never selected (tq2k_module.c reports the path unavailable) */
+void tq2k_gemm_avx512f32(const float *x, int rows, const tq2k_linear *L, float *y, int threads) {
+    (void)x; (void)rows; (void)L; (void)y; (void)threads;
+}
 #endif

@@ -1,67 +1,97 @@
-/* Plain C reference path: reads the packed layout one weight at a time. The ground truth that the
- * SIMD paths are tested against; also the fallback on CPUs without AVX2. */
+/* Plain C reference of the GEMM pieces: activation quantization, the block (reads the packed layout one
+ * weight at a time) and the epilogues. The ground truth the SIMD paths are tested against; also the path
+ * of CPUs without AVX2. */
 #include <math.h>
 
 #include "tq2k.h"
 
-void tq2k_quantize_ref(const tq2k_args *a, int r0, int r1) {
+/* One activation group: v[0, n) -> q[0, width) (zero beyond n), its scale and code sum. */
+void tq2k_quantize_group_ref(const float *v, int n, int width, int8_t *q, float *sx, int32_t *qsum) {
+    float amax = 0.0f;
+    for (int k = 0; k < n; k++) amax = fmaxf(amax, fabsf(v[k]));
+    int32_t sum = 0;
+    int k = 0;
+    if (amax > 0.0f) {
+        const float inv = 127.0f / amax;
+        for (; k < n; k++) {
+            /* nearbyintf rounds half to even, like cvtps2dq in the SIMD paths */
+            int c = (int)nearbyintf(v[k] * inv);
+            c = c > 127 ? 127 : (c < -127 ? -127 : c);
+            q[k] = (int8_t)c;
+            sum += c;
+        }
+    }
+    for (; k < width; k++) q[k] = 0;
+    *sx = amax / 127.0f;
+    *qsum = sum;
+}
+
+static void quantize_ref(const float *x, int ldx, int K, tq2k_act *a, int r0, int r1) {
     for (int m = r0; m < r1; m++) {
-        const float *x = a->x + (size_t)m * a->K;
-        int8_t *q = a->q + (size_t)m * a->kpad;
-        float corr = 0.0f;
         for (int g = 0; g < a->groups; g++) {
             const int k0 = g * TQ2K_GROUP;
-            const int k1 = k0 + TQ2K_GROUP < a->K ? k0 + TQ2K_GROUP : a->K; /* k0 >= K: padding only */
-            float amax = 0.0f;
-            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
-            int32_t sum = 0;
-            if (amax > 0.0f) {
-                const float inv = 127.0f / amax;
-                for (int k = k0; k < k1; k++) {
-                    /* nearbyintf rounds half to even, like cvtps2dq in the SIMD paths */
-                    int v = (int)nearbyintf(x[k] * inv);
-                    v = v > 127 ? 127 : (v < -127 ? -127 : v);
-                    q[k] = (int8_t)v;
-                    sum += v;
-                }
-            } else {
-                for (int k = k0; k < k1; k++) q[k] = 0;
-            }
-            const float sx = amax / 127.0f;
-            a->sx[(size_t)m * a->groups + g] = sx;
-            corr += sx * (float)sum; /* same order and no FMA in every path: bit-identical */
+            const int n = K - k0 < TQ2K_GROUP ? (K > k0 ? K - k0 : 0) : TQ2K_GROUP;
+            const int width = a->kpad - k0 < TQ2K_GROUP ? a->kpad - k0 : TQ2K_GROUP;
+            tq2k_quantize_group_ref(x + (size_t)m * ldx + k0, n, width, a->q + (size_t)m * a->kpad + k0,
+                                    a->sx + (size_t)m * a->groups + g, a->qsum + (size_t)m * a->groups + g);
         }
-        for (int k = a->K; k < a->kpad; k++) q[k] = 0;
-        a->corr[m] = corr;
     }
 }
 
 static inline int weight_plus_one(const uint8_t *w, int kpad, int n, int k) {
-    size_t tile = (size_t)(n / 16) * (kpad / 16) + k / 16;
-    uint8_t byte = w[tile * 64 + (n % 16) * 4 + k % 4];
+    const size_t tile = (size_t)(n / 16) * (kpad / 16) + k / 16;
+    const uint8_t byte = w[tile * 64 + (n % 16) * 4 + k % 4];
     return (byte >> (2 * ((k % 16) / 4))) & 3;
 }
 
-static void gemm_item(const void *ctx, int i) { /* outputs [16 i, 16 i + 16) for every row */
-    const tq2k_args *a = (const tq2k_args *)ctx;
-    const int n1 = 16 * i + 16 < a->N ? 16 * i + 16 : a->N;
-    for (int n = 16 * i; n < n1; n++) {
-        for (int m = 0; m < a->rows; m++) {
-            const int8_t *q = a->q + (size_t)m * a->kpad;
+static void block_ref(const tq2k_linear *L, const tq2k_act *A, int m0, int R, int n0, float *out) {
+    const int n1 = n0 + TQ2K_CHUNK < L->N ? n0 + TQ2K_CHUNK : L->N;
+    for (int r = 0; r < R; r++) {
+        const int8_t *q = A->q + (size_t)(m0 + r) * A->kpad;
+        const float *sx = A->sx + (size_t)(m0 + r) * A->groups;
+        const int32_t *qsum = A->qsum + (size_t)(m0 + r) * A->groups;
+        for (int n = n0; n < n1; n++) {
             float sum = 0.0f;
-            for (int g = 0; g < a->groups; g++) {
-                const int k1 = (g + 1) * TQ2K_GROUP < a->kpad ? (g + 1) * TQ2K_GROUP : a->kpad;
+            for (int g = 0; g < L->groups; g++) {
+                const int k1 = (g + 1) * TQ2K_GROUP < L->kpad ? (g + 1) * TQ2K_GROUP : L->kpad;
                 int32_t acc = 0;
-                for (int k = g * TQ2K_GROUP; k < k1; k++) acc += weight_plus_one(a->w, a->kpad, n, k) * q[k];
-                sum += a->sx[(size_t)m * a->groups + g] * (float)acc;
+                for (int k = g * TQ2K_GROUP; k < k1; k++) acc += weight_plus_one(L->w, L->kpad, n, k) * q[k];
+                sum += sx[g] * (float)(acc - qsum[g]); /* the group step (a per-group weight scale goes here) */
             }
-            float v = (sum - a->corr[m]) * a->scale[n];
-            a->y[(size_t)m * a->N + n] = a->bias ? v + a->bias[n] : v;
+            const float v = sum * L->scale[n];
+            out[r * TQ2K_CHUNK + (n - n0)] = L->bias ? v + L->bias[n] : v;
         }
     }
 }
 
-void tq2k_gemm_ref(const tq2k_args *a) {
-    tq2k_quantize_ref(a, 0, a->rows);
-    tq2k_parallel((a->N + 15) / 16, a->threads, gemm_item, a);
+static float activation_ref(int fn, float v) {
+    switch (fn) {
+        case TQ2K_GELU_ERF: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        case TQ2K_GELU_TANH: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+        default: return v > 0.0f ? v : 0.0f;
+    }
 }
+
+void tq2k_epilogue_ref(const tq2k_gemm_job *g, int m0, int R, int n0, float *out) {
+    const int nw = g->lin->N - n0 < TQ2K_CHUNK ? g->lin->N - n0 : TQ2K_CHUNK;
+    for (int r = 0; r < R; r++) {
+        float *v = out + r * TQ2K_CHUNK;
+        const int m = m0 + r;
+        if (g->epilogue == TQ2K_EPI_ACT_QUANT) {
+            tq2k_act *a = g->out;
+            for (int j = 0; j < nw; j++) v[j] = activation_ref(g->act_fn, v[j]);
+            const int width = a->kpad - n0 < TQ2K_GROUP ? a->kpad - n0 : TQ2K_GROUP;
+            const size_t gi = (size_t)m * a->groups + n0 / TQ2K_GROUP;
+            tq2k_quantize_group_ref(v, nw, width, a->q + (size_t)m * a->kpad + n0, a->sx + gi, a->qsum + gi);
+        } else {
+            float *y = g->y + (size_t)m * g->ldy + n0;
+            if (g->epilogue == TQ2K_EPI_ADD)
+                for (int j = 0; j < nw; j++) y[j] += v[j];
+            else
+                for (int j = 0; j < nw; j++) y[j] = v[j];
+        }
+    }
+}
+
+const tq2k_ops tq2k_ops_ref = {quantize_ref, block_ref, tq2k_epilogue_ref, tq2k_embed_ref, tq2k_layernorm_ref,
+                               tq2k_attention_ref, tq2k_pool_ref};
