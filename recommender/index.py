@@ -12,6 +12,10 @@ still at that scale but cannot remove vectors, so deletes would need periodic re
 Versions: every item keeps the (ts, event_id) of the change that produced its vector (tombstones
 too), so replaying `item-embeddings` from the beginning, or receiving changes out of order, never
 lets an older change win. All methods are thread-safe.
+
+Metadata: the title, authors, year, tags and image of every searchable item travel with its change
+and are kept here, beside its vector, so that an answer is hydrated without asking Redis. Only
+searchable items have an entry (a delete drops it): memory is bounded by the catalog.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class ItemIndex:
         self._item_of: dict[int, str] = {}
         self._versions: dict[str, tuple[float, str]] = {}
         self._live: set[str] = set()
+        self._metadata: dict[str, dict] = {}  # searchable item -> its metadata, when its change had it
         self._lock = threading.Lock()
 
     def _new_index(self, dim: int):
@@ -87,7 +92,16 @@ class ItemIndex:
                     self._live.discard(c.item_id)
                 else:
                     self._live.add(c.item_id)
+                if c.deleted or c.metadata is None:  # none carried: the caller asks the store
+                    self._metadata.pop(c.item_id, None)
+                else:
+                    self._metadata[c.item_id] = c.metadata
         return fresh
+
+    def metadata(self, item_ids: list[str]) -> dict[str, dict]:
+        """The metadata of those of `item_ids` that are searchable and have it here."""
+        with self._lock:
+            return {i: self._metadata[i] for i in item_ids if i in self._metadata}
 
     def _faiss_id(self, item_id: str) -> int:
         fid = self._ids.get(item_id)

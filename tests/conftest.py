@@ -79,6 +79,7 @@ def kafka_settings(kafka, kafka_log, name_prefix) -> Settings:
         kafka_bootstrap=kafka.bootstrap,
         redis_url="",
         topic_item_events=f"{name_prefix}-item-events",
+        topic_item_backfill=f"{name_prefix}-item-backfill",
         topic_user_events=f"{name_prefix}-user-events",
         topic_item_embeddings=f"{name_prefix}-item-embeddings",
         topic_dead_letter=f"{name_prefix}-dead-letter",

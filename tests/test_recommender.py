@@ -6,12 +6,14 @@ geometry: a and b point almost the same way, c is orthogonal to both, d is the o
 
 from __future__ import annotations
 
+import fakeredis
 import numpy as np
 import pytest
+import redis
 
 from ingest.eventlog import EventProducer, ensure_topics
 from ingest.memory_log import InProcessLog
-from ingest.schema import InvalidEvent, ItemUpsert, parse_event
+from ingest.schema import InvalidEvent, ItemChange, ItemUpsert, parse_event
 from ingest.settings import Settings
 from recommender.core import Recommender, UnknownItem
 from recommender.index import ItemIndex
@@ -63,10 +65,26 @@ def test_similar_of_an_unknown_item_raises(parts):
         rec.similar("nope")
 
 
-def test_an_item_deleted_from_the_store_is_never_hydrated(parts):
+def test_similar_items_are_hydrated_from_the_index_without_redis(parts):
     rec, _, _ = parts
-    rec.store.apply_item_events([(parse_event({"type": "item_delete", "item_id": "b", "ts": 30.0}), None)])
-    assert "b" not in {i["item_id"] for i in rec.similar("a", k=4).items}  # still in this index
+    before = rec.similar("a", k=4).items
+    down = fakeredis.FakeServer()
+    down.connected = False
+    rec.store.r = fakeredis.FakeRedis(server=down)  # Redis unreachable from now on
+    assert rec.similar("a", k=4).items == before
+    # A change without metadata (written before metadata travelled with it): that item needs Redis.
+    rec.index.apply([ItemChange("c", 40.0, "x", False, VECTORS["c"])])
+    assert rec.similar("a", k=4, store=False) is None  # the caller must not block: it asks again off-loop
+    with pytest.raises(redis.ConnectionError):
+        rec.similar("a", k=4)
+
+
+def test_a_deleted_item_leaves_the_answers_when_its_change_reaches_the_index(parts):
+    rec, _, _ = parts
+    (delete,) = rec.store.apply_item_events([(parse_event({"type": "item_delete", "item_id": "b", "ts": 30.0}), None)])
+    rec.index.apply([delete])
+    assert "b" not in {i["item_id"] for i in rec.similar("a", k=4).items}
+    assert rec.index.metadata(["b", "c"]).keys() == {"c"}  # bounded by what is searchable
 
 
 def test_cold_start_is_the_most_popular_unseen_indexed_items(parts):
