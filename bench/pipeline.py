@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="", help="encoder spec (default: the product's default)")
     parser.add_argument("--users", type=int, default=2000, help="users whose interactions the backfill replays")
+    parser.add_argument("--limit", type=int, help="backfill only the first N books (smoke runs; default all)")
     parser.add_argument("--phase-seconds", type=float, default=20, help="the 50%-capacity phase")
     parser.add_argument("--ingest-items", type=int, default=3000)
     parser.add_argument("--query-seconds", type=int, default=10)
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         service = Service(f"http://127.0.0.1:{port}")
         try:
             wait_for(lambda: service.health().get("status") == "ok", 180, "recommender up", every=0.5)
-            events = selected_events(Selection(users=args.users, interleave=True))
+            events = selected_events(Selection(limit=args.limit, users=args.users, interleave=True))
             catalog_ids = [e.item_id for e in events if e.type == "item_upsert"]
             print(f"full backfill ({len(catalog_ids)} items) with live items at {LIVE_RATE:.0f}/s ...", flush=True)
             during_backfill, backfill = backfill_phase(event_log, settings, service, events, catalog_ids)

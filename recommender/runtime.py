@@ -74,5 +74,8 @@ class Runtime:
         for part in (self.worker, self.profiles, self.index_updater):
             if part is not None:
                 part.close()
-        self.producer.close()
+        try:
+            self.producer.close()
+        except Exception as exc:  # events the broker did not take were answered 503 already
+            log.warning("closing the event producer: %s", exc)
         self.event_log.close()

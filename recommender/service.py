@@ -157,7 +157,7 @@ def create_app(recommender: Recommender) -> FastAPI:
     app = FastAPI(title="ternrec recommender", version="0.1.0")
     max_body = recommender.limits.max_event_bytes
 
-    def core() -> Recommender:
+    async def core() -> Recommender:  # async: resolved on the event loop, no thread hop
         return recommender
 
     Core = Annotated[Recommender, Depends(core)]
