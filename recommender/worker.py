@@ -6,8 +6,9 @@
 
 1. the live lane first: every live event available now, up to `max_batch` (single items when idle,
    no waiting to fill); only when it has none, the bulk lane: up to `max_batch`, waiting at most
-   `max_wait_ms` to fill, and cut to about `bulk_slice_ms` of encoding while live events flow (seen
-   within LIVE_QUIET_S), so that a live event never waits behind a large bulk batch;
+   `max_wait_ms` to fill; while live events flow (seen within LIVE_QUIET_S) a bulk batch never
+   waits and is cut to about `bulk_slice_ms` of encoding, so that a live event never waits behind a
+   large bulk batch;
 2. keep the newest event per item; skip upserts older than what Redis holds (no wasted encoding);
 3. encode the texts in one call;
 4. write metadata + embeddings to Redis in one round trip (a Lua script with the version check:
@@ -120,7 +121,9 @@ class EncoderWorker:
             if live:
                 self._live_seen = time.monotonic()
                 return Batch("live", live)
-            bulk = self._take("bulk", self.bulk_limit(), timeout_ms=0, fill_ms=self.settings.max_wait_ms)
+            live_flows = time.monotonic() - self._live_seen <= LIVE_QUIET_S
+            bulk = self._take("bulk", self.bulk_limit(), timeout_ms=0,
+                              fill_ms=0.0 if live_flows else self.settings.max_wait_ms)  # never wait then
             if bulk:
                 return Batch("bulk", bulk)
             self.settle(block=True)  # idle: nothing to overlap with, confirm and commit now
@@ -131,7 +134,8 @@ class EncoderWorker:
         return None
 
     def bulk_limit(self) -> int:
-        """max_batch, or while live events flow as many as encode in about bulk_slice_ms."""
+        """max_batch, or while live events flow (seen within LIVE_QUIET_S) as many as encode in
+        about bulk_slice_ms."""
         if time.monotonic() - self._live_seen > LIVE_QUIET_S:
             return self.settings.max_batch
         if self._bulk_item_s is None:

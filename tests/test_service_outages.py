@@ -19,7 +19,6 @@ from encoder.hashing import HashingEncoder
 from ingest.eventlog import EventConsumer
 from ingest.kafka_log import KafkaLog
 from ingest.replay import Selection, replay, selected_events
-from ingest.services import LocalKafka
 from ingest.settings import Settings
 from recommender.runtime import Runtime
 from recommender.service import create_app
@@ -27,14 +26,6 @@ from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 WITHIN_S = 2.0  # no request blocks longer (issue 9)
-
-
-@pytest.fixture
-def private_kafka(kafka):  # `kafka` makes sure the jars are fetched
-    broker = LocalKafka(Settings(), partitions=3)
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 def timed(call):
