@@ -173,8 +173,10 @@ class Recommender:
             self.metrics.events_rejected.inc()
             raise
         timeout = self.settings.request_timeout_s
+        began = time.monotonic()
         try:
-            self.producer.send(event).wait(timeout)
+            delivery = self.producer.send(event)  # may block (the broker's metadata), as long as timeout
+            delivery.wait(max(0.0, timeout - (time.monotonic() - began)))  # the two together: timeout
         except (TimeoutError, Undelivered) as exc:
             self.metrics.events_unavailable.inc()
             raise Unavailable("kafka", f"the broker did not acknowledge the event within {timeout:g} s "
