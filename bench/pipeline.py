@@ -13,8 +13,8 @@ Measures, with the worker and the recommender as separate processes (as in `make
   backfill;
 - query latency of both endpoints at 1, 10 and 50 concurrent clients (wrk, keep-alive), and what
   each change of the query path buys per request, timed in-process against the same Redis:
-  hydration from Redis vs from the index's metadata, and the response model's validation and
-  serialization vs writing the JSON directly;
+  a scan per query vs concurrent queries sharing a scan, hydration from Redis vs from the index's
+  metadata, and the response model's validation and serialization vs writing the JSON directly;
 - where the worker's time goes (seconds per stage, from its log) and resident memory.
 Results: reports/pipeline.json and the "Pipeline" section of BENCHMARKS.md.
 """
@@ -49,7 +49,7 @@ from ingest.schema import ItemUpsert
 from ingest.services import LocalKafka, LocalRedis, free_port
 from ingest.services.process import process_tree, spawn_child, stop_child
 from ingest.settings import REPO_ROOT, Settings
-from recommender.index import ItemIndex
+from recommender.index import TIE_SLACK, ItemIndex, _Search
 from recommender.service import Results
 from recommender.store import Store, open_redis
 
@@ -242,6 +242,24 @@ def query_path_costs(redis_url: str, catalog_ids: list[str], calls: int = 2000) 
             times.append(time.perf_counter() - began)
         return round(statistics.median(times) * 1e6, 1)
 
+    vectors = {i: index.vector(i) for i in catalog_ids[:2000]}
+
+    def searches(ids, shared: bool) -> None:
+        if shared:  # what concurrent requests get: one scan for all of them
+            index._scan([_Search(vectors[i], 10 + 1 + TIE_SLACK) for i in ids])
+        else:
+            for i in ids:
+                index.search(vectors[i], 10, exclude={i})
+
+    search_samples = [list(rng.choice(list(vectors), 10, replace=False)) for _ in range(200)]
+    search_us = {}
+    for shared in (False, True):
+        times = []
+        for ids in search_samples:
+            began = time.perf_counter()
+            searches(ids, shared)
+            times.append(time.perf_counter() - began)
+        search_us[shared] = round(statistics.median(times) * 1e6 / 10, 1)
     answers = [{"items": [{"item_id": i, "score": 0.5, **m} for i, m in index.metadata(ids).items()],
                 "latency_ms": {"lookup": 0.01, "search": 0.3, "hydrate": 0.01, "total": 0.4}} for ids in samples]
     adapter = TypeAdapter(Results)
@@ -249,7 +267,8 @@ def query_path_costs(redis_url: str, catalog_ids: list[str], calls: int = 2000) 
     model_path = median_us(lambda _: json.dumps(adapter.dump_python(adapter.validate_python(next(it)), mode="json")))
     it = iter(answers * 2)
     direct = median_us(lambda _: json.dumps(next(it), allow_nan=False, separators=(",", ":")))
-    return {"hydrate_10_from_redis_us": median_us(store.items_metadata),
+    return {"search_alone_us": search_us[False], "search_in_a_shared_scan_of_10_us": search_us[True],
+            "hydrate_10_from_redis_us": median_us(store.items_metadata),
             "hydrate_10_from_index_us": median_us(index.metadata),
             "response_model_validate_and_serialize_us": model_path, "direct_json_us": direct}
 
@@ -324,6 +343,8 @@ def markdown(r: dict) -> str:
                          f"{q['p90_ms']:.2f} | {q['p99_ms']:.2f} |")
     c = r["query_path_us"]
     lines += ["", "| query path, per request (in-process, median) | before | now |", "|---|---|---|",
+              f"| search (flat, {b['items']}+ items) | {c['search_alone_us']:.0f} µs (a scan per query) | "
+              f"{c['search_in_a_shared_scan_of_10_us']:.0f} µs (10 concurrent queries share a scan) |",
               f"| hydrate 10 results | {c['hydrate_10_from_redis_us']:.0f} µs (Redis round trip) | "
               f"{c['hydrate_10_from_index_us']:.0f} µs (index metadata) |",
               f"| write the JSON answer | {c['response_model_validate_and_serialize_us']:.0f} µs (response model) | "

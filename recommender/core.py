@@ -71,9 +71,8 @@ class Recommender:
         self.started = time.time()
 
     # -- queries ------------------------------------------------------------------------------
-    def similar(self, item_id: str, k: int = 10, store: bool = True) -> Answer | None:
-        """The k nearest items, hydrated from the index; `store` False: None instead of asking Redis
-        for metadata the index lacks (the caller must not block)."""
+    def similar(self, item_id: str, k: int = 10) -> Answer:
+        """The k nearest items, hydrated from the index (no Redis round trip, see `_metadata`)."""
         timer = StageTimer()
         with timer.stage("lookup"):
             vector = self.index.vector(item_id)
@@ -82,8 +81,6 @@ class Recommender:
         with timer.stage("search"):
             hits = self.index.search(vector, k, exclude={item_id})
         with timer.stage("hydrate"):
-            if not store and self._lacking_metadata([i for i, _ in hits]):
-                return None
             items = self._hydrate(hits)
         return self._answer("similar", items, timer)
 
@@ -146,15 +143,11 @@ class Recommender:
         """From the index; from Redis only for searchable items whose change carried none (written
         before metadata travelled with the changes). Unknown and deleted items are left out."""
         found = self.index.metadata(item_ids)
-        missing = self._lacking_metadata(item_ids, found)
+        missing = [i for i in item_ids if i not in found and i in self.index]
         if missing:
             found.update((i, m) for i, m in zip(missing, self.store.items_metadata(missing), strict=True)
                          if m is not None)
         return found
-
-    def _lacking_metadata(self, item_ids: list[str], found: dict | None = None) -> list[str]:
-        found = self.index.metadata(item_ids) if found is None else found
-        return [i for i in item_ids if i not in found and i in self.index]
 
     def _answer(self, endpoint: str, items: list[dict], timer: StageTimer, extra: dict | None = None) -> Answer:
         latency = timer.finish()

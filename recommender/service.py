@@ -16,8 +16,8 @@ for an event the broker did not acknowledge); similar items come from the replic
 metadata alone (no Redis); per-user picks need the profile in Redis and answer 503; `/health` says
 which dependency is down.
 
-The hot route (similar items) runs on the event loop and writes its JSON itself: the answer is
-built to the `Results` schema by the core, so the response model's validation is skipped there.
+The hot route (similar items) writes its JSON itself: the answer is built to the `Results` schema
+by the core, so the response model's validation is skipped there.
 """
 
 import argparse
@@ -28,7 +28,6 @@ from typing import Annotated, Any, Literal
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -173,14 +172,12 @@ def create_app(recommender: Recommender) -> FastAPI:
 
     @app.get("/items/{item_id}/similar", response_model=Results, operation_id="similar_items",
              responses={**_errors(404, 422), **UNAVAILABLE})
-    async def similar(item_id: Id, rec: Core, k: K = 10):
+    def similar(item_id: Id, rec: Core, k: K = 10):
         """The k items nearest to `item_id` by content (404 if it is not searchable), from this
-        replica's index and metadata: Redis is asked only for items whose metadata the replica
-        lacks (then off the event loop)."""
+        replica's index and metadata (Redis only for items whose metadata the replica lacks).
+        On the thread pool: concurrent searches share one scan of the index."""
         try:
-            answer = rec.similar(item_id, k, store=False)
-            if answer is None:
-                answer = await run_in_threadpool(rec.similar, item_id, k)
+            answer = rec.similar(item_id, k)
         except UnknownItem as exc:
             raise HTTPException(404, str(exc)) from None
         return Response(json.dumps(answer.to_dict(), allow_nan=False, separators=(",", ":")),
