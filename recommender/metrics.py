@@ -77,7 +77,8 @@ class Metrics:
         self._lag_checked: dict[str, float] = {}
         self._lock = threading.Lock()
         self._queries: dict[str, deque] = {}
-        self._freshness: deque = deque(maxlen=WINDOW)
+        # A window per lane: a backfill's many updates never push the live lane's out.
+        self._freshness: dict[str, deque] = {lane: deque(maxlen=WINDOW) for lane in LANES}
         self._updates: deque = deque(maxlen=WINDOW)
 
     def observe_query(self, endpoint: str, latency_ms: dict[str, float]) -> None:
@@ -97,7 +98,8 @@ class Metrics:
             self.freshness_seconds.labels(lane).observe(f)
         self.index_updates.inc(len(freshness))
         with self._lock:
-            self._freshness.extend((now, f * 1000, lane) for f, lane in freshness)
+            for f, lane in freshness:
+                self._freshness.setdefault(lane, deque(maxlen=WINDOW)).append((now, f * 1000))
             self._updates.append((now, len(freshness)))
 
     def report_backlog(self, lags: dict[str, int]) -> None:
@@ -122,7 +124,7 @@ class Metrics:
         """Percentiles over the last `window_s` seconds, for the UI and the benchmarks."""
         since = time.time() - window_s
         with self._lock:
-            recent = [(ms, lane) for t, ms, lane in self._freshness if t >= since]
+            recent = [(ms, lane) for lane, window in self._freshness.items() for t, ms in window if t >= since]
             updates = sum(n for t, n in self._updates if t >= since)
             queries = {ep: [lat for t, lat in q if t >= since] for ep, q in self._queries.items()}
         stages = {}
@@ -145,7 +147,7 @@ class Metrics:
         """Freshness p50/p99 per time bucket and lane, for the live chart."""
         since = time.time() - window_s
         with self._lock:
-            rows = [(t, ms, lane) for t, ms, lane in self._freshness if t >= since]
+            rows = [(t, ms, lane) for lane, window in self._freshness.items() for t, ms in window if t >= since]
         buckets: dict[tuple[int, str], list[float]] = {}
         for t, ms, lane in rows:
             buckets.setdefault((int(t // bucket_s), lane), []).append(ms)
