@@ -26,6 +26,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from ingest.settings import LANES
+
 SCHEMA_VERSION = 1
 MAX_ID_CHARS = 256
 
@@ -251,6 +253,9 @@ def change_from_json(value: bytes) -> ItemChange:
     metadata = data.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be an object, got {type(metadata).__name__}")
+    lane = data.get("lane", "live")
+    if lane not in LANES:
+        raise ValueError(f"unknown lane {lane!r}")
     return ItemChange(data["item_id"], float(data["ts"]), data["event_id"], bool(data["deleted"]),
                       None if emb is None else np.frombuffer(base64.b64decode(emb), dtype=np.float32),
-                      metadata, str(data.get("lane", "live")))
+                      metadata, lane)

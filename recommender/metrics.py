@@ -99,7 +99,7 @@ class Metrics:
         self.index_updates.inc(len(freshness))
         with self._lock:
             for f, lane in freshness:
-                self._freshness.setdefault(lane, deque(maxlen=WINDOW)).append((now, f * 1000))
+                self._freshness[lane].append((now, f * 1000))  # lanes are LANES (change_from_json checks)
             self._updates.append((now, len(freshness)))
 
     def report_backlog(self, lags: dict[str, int]) -> None:
