@@ -1,13 +1,21 @@
 """Pipeline benchmark on a real Kafka broker and a real redis-server: `python -m bench.pipeline`.
 
 Measures, with the worker and the recommender as separate processes (as in `make stack`):
-- the encoder's own throughput (in-process, micro-batches of `max_batch`), then sustained ingest:
-  items produced as fast as possible → all searchable, items/s, and the ratio of the two;
-- freshness (event produced → searchable in the index, which is what `/items/{id}/similar` reads)
-  at 50 and 200 events/s: the service's own per-item measurement, plus an external check that
-  polls `/items/{id}/similar` for a sample of the items;
-- query latency p50/p99 of both endpoints at 1, 10 and 50 concurrent clients (wrk, keep-alive);
-- resident memory (RSS and peak) of the worker and the recommender.
+- the encoder's own throughput (in-process, batches of `max_batch`), then, in the same run,
+  sustained ingest: new items produced on the bulk lane as fast as possible → all searchable,
+  items/s and the ratio of the two;
+- freshness of live items (event produced → searchable in the index, which is what
+  `/items/{id}/similar` reads) posted through `POST /events` at 20/s while the full catalog
+  backfill (10,000 books and the interactions of --users users) streams in on the bulk lane: the
+  service's own per-item measurement of the live lane, plus an external check that polls
+  `/items/{id}/similar` for a sample of the items;
+- freshness of live items at 50% of the encoder's measured capacity (rate set from this run), no
+  backfill;
+- query latency of both endpoints at 1, 10 and 50 concurrent clients (wrk, keep-alive), and what
+  each change of the query path buys per request, timed in-process against the same Redis:
+  a scan per query vs concurrent queries sharing a scan, hydration from Redis vs from the index's
+  metadata, and the response model's validation and serialization vs writing the JSON directly;
+- where the worker's time goes (seconds per stage, from its log) and resident memory.
 Results: reports/pipeline.json and the "Pipeline" section of BENCHMARKS.md.
 """
 
@@ -18,7 +26,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +35,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench.queries import query_path_costs, wrk
 from bench.report import update_section, write_json
 from encoder import Encoder, load_encoder
 from ingest.catalog import load_items
@@ -38,8 +46,10 @@ from ingest.schema import ItemUpsert
 from ingest.services import LocalKafka, LocalRedis, free_port
 from ingest.services.process import process_tree, spawn_child, stop_child
 from ingest.settings import REPO_ROOT, Settings
+from recommender.store import Store, open_redis
 
 COMMAND = "python -m bench.pipeline"
+LIVE_RATE = 20.0  # live items/s during the backfill (the issue's "new books one at a time")
 
 
 def rss_mib(pid: int) -> dict[str, float]:
@@ -65,19 +75,29 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.05) -> None:
         time.sleep(every)
 
 
+def pcts(values: list[float], qs=(50, 95, 99)) -> dict[str, float]:
+    return {f"p{q}": round(float(np.percentile(values, q)), 1) for q in qs} if values else {}
+
+
 class Service:
     def __init__(self, url: str):
         self.url = url
         self.http = httpx.Client(base_url=url, timeout=10)
 
-    def index_size(self) -> int:
+    def health(self) -> dict:
         try:
-            return self.http.get("/health").json()["index_size"]
-        except (httpx.HTTPError, KeyError, ValueError):
-            return -1
+            return self.http.get("/health").json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def index_size(self) -> int:
+        return self.health().get("index_size", -1)
 
     def visible(self, item_id: str) -> bool:
         return self.http.get(f"/items/{item_id}/similar", params={"k": 1}).status_code == 200
+
+    def stats(self, since: float) -> dict:
+        return self.http.get("/stats", params={"window_s": time.time() - since}).json()
 
 
 def encoder_throughput(encoder: Encoder, texts: list[str], batch: int) -> float:
@@ -95,73 +115,121 @@ def new_items(tag: str, n: int) -> list[ItemUpsert]:
                        text=catalog[k % len(catalog)].text + f" (edition {k})") for k in range(n)]
 
 
-def freshness_phase(producer: EventProducer, service: Service, rate: float, seconds: float,
-                    encoder_ips: float) -> dict:
-    """Produces new items at `rate`/s; the service measures each one, we poll a sample."""
-    items = new_items(f"fresh{int(rate)}", int(rate * seconds))
-    sample_every = max(1, len(items) // 60)
-    external: list[float] = []
-    lock = threading.Lock()
+class ExternalCheck:
+    """Polls `/items/{id}/similar` for a sample of the live items until each answers."""
 
-    def poll(item_id: str, produced: float) -> None:
-        deadline = time.monotonic() + 30
+    def __init__(self, service: Service):
+        self.service = service
+        self.latencies: list[float] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def watch(self, item_id: str, produced: float) -> None:
+        thread = threading.Thread(target=self._poll, args=(item_id, produced), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _poll(self, item_id: str, produced: float) -> None:
+        http = httpx.Client(base_url=self.service.url, timeout=10)
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if service.visible(item_id):
-                with lock:
-                    external.append((time.time() - produced) * 1000)
+            if http.get(f"/items/{item_id}/similar", params={"k": 1}).status_code == 200:
+                with self._lock:
+                    self.latencies.append((time.time() - produced) * 1000)
                 return
             time.sleep(0.002)
 
-    pollers = []
-    phase_start = time.time()
+    def join(self) -> dict:
+        for thread in self._threads:
+            thread.join()
+        return pcts(self.latencies)
+
+
+def stream_live(send, items: list[ItemUpsert], rate: float, check: ExternalCheck, sample_every: int,
+                until=None) -> int:
+    """Sends items at `rate`/s (each stamped with its send time) until `until()` or the list ends."""
     began = time.perf_counter()
     for n, template in enumerate(items):
+        if until is not None and until():
+            return n
         ahead = n / rate - (time.perf_counter() - began)
         if ahead > 0:
             time.sleep(ahead)
-        event = template.model_copy(update={"ts": time.time()})  # produced now
-        producer.send(event)
-        producer.flush()
+        event = template.model_copy(update={"ts": time.time()})
+        send(event)
         if n % sample_every == 0:
-            t = threading.Thread(target=poll, args=(event.item_id, event.ts), daemon=True)
-            t.start()
-            pollers.append(t)
-    produced_s = time.perf_counter() - began
-    for t in pollers:
-        t.join()
-    # A rate above what the encoder sustains leaves a backlog: wait for it to drain.
-    wait_for(lambda: all(service.visible(i.item_id) for i in items[-5:]),
-             60 + 3 * len(items) / encoder_ips, "last items visible")
+            check.watch(event.item_id, event.ts)
+    return len(items)
+
+
+def live_summary(service: Service, since: float, sent: int, check: ExternalCheck, seconds: float,
+                 rate: float) -> dict:
     time.sleep(1.0)
-    # Only what was applied during this phase (not the tail of an earlier one).
-    stats = service.http.get("/stats", params={"window_s": time.time() - phase_start}).json()
-    return {"rate_events_per_s": rate, "events": len(items), "seconds": round(produced_s, 1),
-            "service_freshness_ms": stats["freshness_ms"], "service_count": stats["freshness_count"],
-            "external_sample_ms": {f"p{q}": round(float(np.percentile(external, q)), 1) for q in (50, 95, 99)}
-            if external else {}, "external_samples": len(external)}
+    live = service.stats(since)["lanes"]["live"]
+    return {"rate_events_per_s": rate, "events": sent, "seconds": round(seconds, 1),
+            "service_freshness_ms": live["freshness_ms"], "service_count": live["freshness_count"],
+            "external_sample_ms": check.join(), "external_samples": len(check.latencies)}
 
 
-def parse_ms(value: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+def backfill_phase(event_log: KafkaLog, settings: Settings, service: Service, events: list, catalog_ids: list[str],
+                   ) -> tuple[dict, dict]:
+    """The full catalog (and interactions) on the bulk lane while live items come through POST /events."""
+    store = Store(open_redis(settings.redis_url))
+    done = threading.Event()
+    backfill: dict = {}
+
+    def run_backfill():
+        began = time.perf_counter()
+        replay(event_log, settings, events, progress=False)
+        backfill["produced_s"] = round(time.perf_counter() - began, 1)
+        # Every catalog item written (the live items count in the index size too), then searchable.
+        wait_for(lambda: len(store.stored_versions(catalog_ids)) == len(catalog_ids), 3600, "catalog written",
+                 every=0.25)
+        wait_for(lambda: all(service.visible(i) for i in catalog_ids[-5:]), 60, "catalog searchable")
+        backfill["indexed_s"] = round(time.perf_counter() - began, 1)
+        done.set()
+
+    http = httpx.Client(base_url=service.url, timeout=10)
+
+    def post(event: ItemUpsert) -> None:
+        http.post("/events", content=event.to_json(), headers={"Content-Type": "application/json"}
+                  ).raise_for_status()
+
+    check, since = ExternalCheck(service), time.time()
+    began = time.perf_counter()
+    thread = threading.Thread(target=run_backfill)
+    thread.start()
+    sent = stream_live(post, new_items("live", int(LIVE_RATE * 900)), LIVE_RATE, check, sample_every=5,
+                       until=done.is_set)
+    thread.join()
+    live = live_summary(service, since, sent, check, time.perf_counter() - began, LIVE_RATE)
+    bulk = service.stats(since)["lanes"]["bulk"]
+    return live, {"events": len(events), "items": len(catalog_ids), **backfill,
+                  "items_per_s": round(len(catalog_ids) / backfill["indexed_s"], 1),
+                  "bulk_freshness_ms": bulk["freshness_ms"]}
 
 
-def wrk(url: str, paths: list[str], connections: int, seconds: int, scripts: Path) -> dict:
-    script = scripts / f"paths-{abs(hash(tuple(paths)))}.lua"
-    table = ",".join(f'"{p}"' for p in paths)
-    script.write_text(f"local paths = {{{table}}}\nlocal n = 0\n"
-                      "request = function()\n  n = n + 1\n"
-                      "  return wrk.format('GET', paths[(n % #paths) + 1])\nend\n")
-    threads = min(2, connections)
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
-    dist = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M))
-    if len(dist) < 4:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"connections": connections, "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),
-            "p50_ms": parse_ms(dist["50"]), "p90_ms": parse_ms(dist["90"]), "p99_ms": parse_ms(dist["99"]),
-            "non_2xx": int(errors[1]) if errors else 0}
+def capacity_phase(event_log: KafkaLog, settings: Settings, service: Service, rate: float, seconds: float) -> dict:
+    producer = EventProducer(event_log, settings, lane="live", linger_ms=0)
+    items = new_items(f"fresh{int(rate)}", int(rate * seconds))
+    check, since = ExternalCheck(service), time.time()
+    began = time.perf_counter()
+    sent = stream_live(producer.send, items, rate, check, sample_every=max(1, len(items) // 60))
+    producer.flush(timeout=60)
+    produced_s = time.perf_counter() - began
+    wait_for(lambda: all(service.visible(i.item_id) for i in items[-5:]), 600, "last items visible")
+    return live_summary(service, since, sent, check, produced_s, rate)
+
+
+def worker_stages(log: Path) -> dict:
+    """The worker's own account of its time, from the line it logs when it stops."""
+    found = re.findall(r"stopped after (\d+) batches \((\d+) live, (\d+) bulk\), (\d+) items encoded; (.*)",
+                       log.read_text())
+    if not found:
+        return {}
+    batches, live, bulk, encoded, stages = found[-1]
+    return {"batches": int(batches), "live_batches": int(live), "bulk_batches": int(bulk), "encoded": int(encoded),
+            "seconds": {name: float(s) for name, s in re.findall(r"(\w+) ([\d.]+) s", stages)}}
 
 
 def spawn(argv: list[str], env: dict, log: Path):
@@ -169,39 +237,64 @@ def spawn(argv: list[str], env: dict, log: Path):
         return spawn_child(argv, cwd=REPO_ROOT, env=env, stdout=out)
 
 
+def _ms(d: dict, key: str) -> str:
+    return "-" if key not in d else f"{d[key]:.1f}"
+
+
 def markdown(r: dict) -> str:
+    b = r["backfill"]
     lines = [f"Command: `{COMMAND}` (real Kafka + real Redis on 127.0.0.1; worker and recommender as "
              f"separate processes, {r['http_workers']} recommender replica(s); encoder `{r['encoder']}`; "
-             f"{r['catalog_items']} catalog items; 1-minute load average {r['load_average']['start']} at the "
-             f"start, {r['load_average']['end']} at the end, on 2 cores shared with other jobs).", "",
+             f"max_batch {r['max_batch']}, bulk_slice_ms {r['bulk_slice_ms']}; {b['items']} catalog items; "
+             f"`uptime` load average {r['load_average']['start']} at the start, {r['load_average']['end']} at "
+             "the end, on 2 cores).", "",
              "| ingest | items/s |", "|---|---|",
              f"| encoder alone, batches of {r['max_batch']} | {r['encoder_items_per_s']:.0f} |",
-             f"| sustained ingest, produced → searchable | {r['ingest']['items_per_s']:.0f} "
-             f"({r['ingest']['ratio_to_encoder']:.0%} of the encoder) |", "",
-             "| freshness, produced → searchable | events | service p50 / p95 / p99 ms | "
+             f"| sustained ingest (bulk lane), produced → searchable | {r['ingest']['items_per_s']:.0f} "
+             f"({r['ingest']['ratio_to_encoder']:.0%} of the encoder) |",
+             f"| full catalog backfill with live traffic beside it | {b['items_per_s']:.0f} "
+             f"({b['items']} items in {b['indexed_s']} s) |", "",
+             "| live freshness, produced → searchable | events | service p50 / p95 / p99 ms | "
              "external sample p50 / p95 / p99 ms |", "|---|---|---|---|"]
-    for f in r["freshness"]:
+    for name, f in (("20/s via POST /events during the full backfill", r["freshness_during_backfill"]),
+                    (f"{f_rate(r)}/s (50% of the encoder), no backfill", r["freshness_at_half_capacity"])):
         s, e = f["service_freshness_ms"], f["external_sample_ms"]
-        lines.append(f"| {f['rate_events_per_s']:.0f} events/s | {f['events']} | "
-                     f"{s.get('p50', '-')} / {s.get('p95', '-')} / {s.get('p99', '-')} | "
-                     f"{e.get('p50', '-')} / {e.get('p95', '-')} / {e.get('p99', '-')} |")
+        lines.append(f"| {name} | {f['events']} | {_ms(s, 'p50')} / {_ms(s, 'p95')} / {_ms(s, 'p99')} | "
+                     f"{_ms(e, 'p50')} / {_ms(e, 'p95')} / {_ms(e, 'p99')} |")
     lines += ["", "| query | clients | requests/s | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|"]
     for endpoint, runs in r["queries"].items():
         for q in runs:
             lines.append(f"| {endpoint} | {q['connections']} | {q['requests_per_s']:.0f} | {q['p50_ms']:.2f} | "
                          f"{q['p90_ms']:.2f} | {q['p99_ms']:.2f} |")
+    c = r["query_path_us"]
+    lines += ["", "| query path, per request (in-process, median) | before | now |", "|---|---|---|",
+              f"| search (flat, {b['items']}+ items) | {c['search_alone_us']:.0f} µs (a scan per query) | "
+              f"{c['search_in_a_shared_scan_of_10_us']:.0f} µs (10 concurrent queries share a scan) |",
+              f"| hydrate 10 results | {c['hydrate_10_from_redis_us']:.0f} µs (Redis round trip) | "
+              f"{c['hydrate_10_from_index_us']:.0f} µs (index metadata) |",
+              f"| write the JSON answer | {c['response_model_validate_and_serialize_us']:.0f} µs (response model) | "
+              f"{c['direct_json_us']:.0f} µs (direct) |"]
+    stages = r["worker"].get("seconds", {})
+    if stages:
+        lines += ["", "Worker time by stage over the run (s): "
+                  + ", ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
+                  + f"; {r['worker']['live_batches']} live and {r['worker']['bulk_batches']} bulk batches."]
     lines += ["", "| process | RSS MiB | peak RSS MiB |", "|---|---|---|"]
     for name, m in r["memory"].items():
         lines.append(f"| {name} | {m['rss_mib']} | {m['peak_rss_mib']} |")
     return "\n".join(lines)
 
 
+def f_rate(r: dict) -> str:
+    return f"{r['freshness_at_half_capacity']['rate_events_per_s']:.0f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="", help="encoder spec (default: the product's default)")
-    parser.add_argument("--users", type=int, default=2000, help="users whose interactions are replayed")
-    parser.add_argument("--rates", default="50,200", help="freshness phases, events/s")
-    parser.add_argument("--phase-seconds", type=float, default=20)
+    parser.add_argument("--users", type=int, default=2000, help="users whose interactions the backfill replays")
+    parser.add_argument("--limit", type=int, help="backfill only the first N books (smoke runs; default all)")
+    parser.add_argument("--phase-seconds", type=float, default=20, help="the 50%-capacity phase")
     parser.add_argument("--ingest-items", type=int, default=3000)
     parser.add_argument("--query-seconds", type=int, default=10)
     parser.add_argument("--http-workers", type=int, default=2, help="recommender replicas (processes)")
@@ -209,11 +302,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(encoder=args.encoder)
     spec = settings.resolved_encoder
     load_at_start = os.getloadavg()[0]
-    texts = [item.text for item in load_items()[:2000]]
+    catalog = load_items()
     encoder = load_encoder(spec)
     encoder_name = encoder.name
     print(f"encoder {encoder_name}: measuring its own throughput ...", flush=True)
-    encoder_ips = encoder_throughput(encoder, texts, settings.max_batch)
+    encoder_ips = encoder_throughput(encoder, [item.text for item in catalog[:2000]], settings.max_batch)
     del encoder  # the worker process loads its own
     print(f"  {encoder_ips:.0f} items/s", flush=True)
 
@@ -225,36 +318,37 @@ def main(argv: list[str] | None = None) -> None:
                "TERNREC_HTTP_WORKERS": str(args.http_workers)}
         settings = Settings(kafka_bootstrap=kafka.bootstrap, redis_url=redis_server.url)
         event_log = KafkaLog(kafka.bootstrap)
-        worker = spawn([sys.executable, "-m", "recommender.worker"], env, workdir / "worker.log")
+        worker_log = workdir / "worker.log"
+        worker = spawn([sys.executable, "-m", "recommender.worker"], env, worker_log)
         recommender = spawn([sys.executable, "-m", "recommender.service"], env, workdir / "recommender.log")
         service = Service(f"http://127.0.0.1:{port}")
         try:
-            wait_for(lambda: service.index_size() >= 0, 120, "recommender up", every=0.5)
-            print("loading the catalog ...", flush=True)
-            events = selected_events(Selection(users=args.users, interleave=True))
-            replay(event_log, settings, events, progress=True)
-            catalog_items = sum(1 for e in events if e.type == "item_upsert")
-            wait_for(lambda: service.index_size() >= catalog_items, 1800, "catalog indexed", every=0.5)
+            wait_for(lambda: service.health().get("status") == "ok", 180, "recommender up", every=0.5)
+            events = selected_events(Selection(limit=args.limit, users=args.users, interleave=True))
+            catalog_ids = [e.item_id for e in events if e.type == "item_upsert"]
+            print(f"full backfill ({len(catalog_ids)} items) with live items at {LIVE_RATE:.0f}/s ...", flush=True)
+            during_backfill, backfill = backfill_phase(event_log, settings, service, events, catalog_ids)
+            print(f"  backfill {backfill}\n  live {during_backfill}", flush=True)
 
             print("sustained ingest ...", flush=True)
-            producer = EventProducer(event_log, settings)
+            producer = EventProducer(event_log, settings, lane="bulk")
             burst = new_items("ingest", args.ingest_items)
+            before = service.index_size()
             began = time.perf_counter()
             for event in burst:
                 producer.send(event.model_copy(update={"ts": time.time()}))
             producer.flush()
-            wait_for(lambda: service.index_size() >= catalog_items + len(burst), 1800, "burst indexed", every=0.1)
+            wait_for(lambda: service.index_size() >= before + len(burst), 1800, "burst indexed", every=0.1)
             ingest_ips = len(burst) / (time.perf_counter() - began)
             print(f"  {ingest_ips:.0f} items/s", flush=True)
 
-            freshness = []
-            for rate in (float(r) for r in args.rates.split(",")):
-                print(f"freshness at {rate:.0f} events/s ...", flush=True)
-                freshness.append(freshness_phase(producer, service, rate, args.phase_seconds, encoder_ips))
-                print(f"  {freshness[-1]['service_freshness_ms']}", flush=True)
+            rate = round(encoder_ips / 2)
+            print(f"freshness at {rate} events/s (50% of the encoder) ...", flush=True)
+            half = capacity_phase(event_log, settings, service, rate, args.phase_seconds)
+            print(f"  {half}", flush=True)
 
             users = sorted({e.user_id for e in events if e.type == "interaction"})[:500]
-            item_paths = [f"/items/{i.item_id}/similar?k=10" for i in load_items()[:2000]]
+            item_paths = [f"/items/{i.item_id}/similar?k=10" for i in catalog[:2000]]
             user_paths = [f"/users/{u}/recommendations?k=10" for u in users]
             queries = {}
             for endpoint, paths in (("similar", item_paths), ("recommendations", user_paths)):
@@ -262,18 +356,23 @@ def main(argv: list[str] | None = None) -> None:
                 for clients in (1, 10, 50):
                     print(f"queries: {endpoint} x {clients} clients ...", flush=True)
                     queries[endpoint].append(wrk(service.url, paths, clients, args.query_seconds, workdir))
+            print("query path costs ...", flush=True)
+            costs = query_path_costs(redis_server.url, [i.item_id for i in catalog])
             memory = {"encoder worker": rss_mib(worker.pid), "recommender": rss_mib(recommender.pid)}
         finally:
             for proc in (worker, recommender):
                 stop_child(proc, timeout=30)
             event_log.close()
+        stages = worker_stages(worker_log)
     shutil.rmtree(workdir, ignore_errors=True)
     result = {"command": COMMAND, "encoder": encoder_name, "http_workers": args.http_workers,
-              "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms, "catalog_items": catalog_items,
-              "encoder_items_per_s": round(encoder_ips, 1),
-              "ingest": {"items": len(burst), "items_per_s": round(ingest_ips, 1),
+              "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
+              "bulk_slice_ms": settings.bulk_slice_ms, "encoder_items_per_s": round(encoder_ips, 1),
+              "ingest": {"lane": "bulk", "items": len(burst), "items_per_s": round(ingest_ips, 1),
                          "ratio_to_encoder": round(ingest_ips / encoder_ips, 3)},
-              "freshness": freshness, "queries": queries, "memory": memory,
+              "backfill": backfill, "freshness_during_backfill": during_backfill,
+              "freshness_at_half_capacity": half, "queries": queries, "query_path_us": costs,
+              "worker": stages, "memory": memory,
               "load_average": {"start": round(load_at_start, 2), "end": round(os.getloadavg()[0], 2)}}
     write_json("pipeline", result)
     update_section("Pipeline", markdown(result))

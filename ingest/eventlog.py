@@ -23,6 +23,17 @@ from ingest.settings import Settings
 
 log = logging.getLogger(__name__)
 DEAD_LETTER_WAIT_S = 5.0  # longest a commit waits for its dead letters (the broker may be away)
+WORKER_GROUP = "encoder-workers"  # the encoder workers' group on the live lane
+
+
+def worker_group(lane: str, base: str = WORKER_GROUP) -> str:
+    """The encoder workers' consumer group of one lane: a group per lane, so that each worker has a
+    consumer per lane (recommender/worker.py says why) and a lane's rebalance never stalls the other."""
+    return base if lane == "live" else f"{base}-{lane}"
+
+
+class Undelivered(Exception):
+    """The log refused a record or failed to deliver it (a timeout raises TimeoutError instead)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,8 @@ class Delivery(Protocol):
 
     def done(self) -> bool: ...
     def error(self) -> Exception | None: ...
+    # Returns once acknowledged; raises the delivery error, or TimeoutError when `timeout` s pass first.
+    def wait(self, timeout: float) -> None: ...
 
 
 class Producer(Protocol):
@@ -60,8 +73,12 @@ class Consumer(Protocol):
 
 class EventLog(Protocol):
     def ensure_topics(self, names_partitions: dict[str, int], compacted: set[str]) -> None: ...
-    def producer(self, linger_ms: int = 5) -> Producer: ...
+    # `delivery_timeout_s`: a record not acknowledged within it fails, and `send` blocks no longer
+    # (the HTTP path); None: the log's durable default (retried for minutes).
+    def producer(self, linger_ms: int = 5, delivery_timeout_s: float | None = None) -> Producer: ...
     def consumer(self, topics: list[str], group: str, from_beginning: bool = True) -> Consumer: ...
+    # Per topic, the records a group has not committed yet (all of them when it committed nothing).
+    def backlog(self, group: str, topics: list[str]) -> dict[str, int]: ...
     def close(self) -> None: ...
 
 
@@ -77,22 +94,29 @@ def open_event_log(settings: Settings) -> EventLog:
 
 
 def ensure_topics(event_log: EventLog, settings: Settings) -> None:
-    """Creates the product's topics when missing; item-embeddings is log-compacted."""
-    names = [settings.topic_item_events, settings.topic_user_events,
+    """Creates the product's topics when missing (both lanes of item events); item-embeddings is
+    log-compacted."""
+    names = [settings.topic_item_events, settings.topic_item_backfill, settings.topic_user_events,
              settings.topic_item_embeddings, settings.topic_dead_letter]
     event_log.ensure_topics({name: settings.partitions for name in names},
                             compacted={settings.topic_item_embeddings})
 
 
 class EventProducer:
-    """Sends validated events to their topic, keyed for partitioning."""
+    """Sends validated events to their topic, keyed for partitioning; item events in `lane`."""
 
-    def __init__(self, event_log: EventLog, settings: Settings):
+    def __init__(self, event_log: EventLog, settings: Settings, lane: str = "live",
+                 delivery_timeout_s: float | None = None, linger_ms: int = 5):
+        settings.item_topic(lane)  # an unknown lane fails here, not at the first send
         self.settings = settings
-        self.producer = event_log.producer()
+        self.lane = lane
+        self.producer = event_log.producer(linger_ms=linger_ms, delivery_timeout_s=delivery_timeout_s)
 
-    def send(self, event: Event) -> None:
-        self.producer.send(topic_for(event, self.settings), event.to_json(), key=event.key)
+    def topic(self, event: Event) -> str:
+        return topic_for(event, self.settings, self.lane)
+
+    def send(self, event: Event) -> Delivery:
+        return self.producer.send(self.topic(event), event.to_json(), key=event.key)
 
     def flush(self, timeout: float | None = None) -> None:
         self.producer.flush(timeout)

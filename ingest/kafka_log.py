@@ -8,6 +8,8 @@ Consumers are consumer-group members with manual, synchronous commits.
 Nothing waits unboundedly for a broker that has gone away: a commit gives up after
 `commit_timeout_ms` (the records are delivered again, as after a rebalance), and closing a
 producer or a consumer after `close_timeout_ms`, so every service exits within 10 s of SIGTERM.
+A producer made with `delivery_timeout_s` (the HTTP path) blocks in `send` and waits for
+delivery no longer than that: a record the broker did not take by then fails for good.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import threading
 import weakref
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import OffsetSpec
 from kafka.errors import (
     CommitFailedError,
     KafkaConnectionError,
@@ -28,7 +31,7 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata
 
-from ingest.eventlog import Record
+from ingest.eventlog import Record, Undelivered
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,9 @@ class KafkaLog:
         self.close_timeout_ms = close_timeout_ms
         self._admin: KafkaAdminClient | None = None
         self._admin_lock = threading.Lock()
+        self._monitor: KafkaAdminClient | None = None  # backlog(): short timeouts, its own connection
+        self._monitor_lock = threading.Lock()
+        self._partitions: dict[str, int] = {}
         self._children: weakref.WeakSet[KafkaLogProducer | KafkaLogConsumer] = weakref.WeakSet()
 
     # -- topics ---------------------------------------------------------------------------
@@ -103,9 +109,38 @@ class KafkaLog:
             raise KeyError(f"topic {topic!r} does not exist (ensure_topics creates it)")
         return len(info["partitions"])
 
+    def backlog(self, group: str, topics: list[str]) -> dict[str, int]:
+        """Per topic, end offset minus `group`'s committed offset summed over the partitions (from
+        the log start where it committed nothing). Two broker round trips; raises KafkaError (or
+        KafkaTimeoutError) within about `commit_timeout_ms` when the broker does not answer."""
+        with self._monitor_lock:
+            if self._monitor is None:
+                timeout = self.commit_timeout_ms
+                self._monitor = KafkaAdminClient(bootstrap_servers=self.bootstrap,
+                                                 client_id=f"{self.client_id}-monitor",
+                                                 request_timeout_ms=timeout, bootstrap_timeout_ms=timeout)
+            monitor = self._monitor
+            for topic in topics:
+                if topic not in self._partitions:
+                    (info,) = monitor.describe_topics([topic])
+                    if info.get("error_code", 0):
+                        raise KeyError(f"topic {topic!r} does not exist (ensure_topics creates it)")
+                    self._partitions[topic] = len(info["partitions"])
+            parts = [TopicPartition(t, p) for t in topics for p in range(self._partitions[t])]
+            committed = monitor.list_group_offsets({group: parts}).get(group, {})
+            ends = monitor.list_partition_offsets({tp: OffsetSpec.LATEST for tp in parts})
+            uncommitted = [tp for tp in parts if committed.get(tp) is None or committed[tp].offset < 0]
+            starts = monitor.list_partition_offsets({tp: OffsetSpec.EARLIEST for tp in uncommitted}) \
+                if uncommitted else {}
+        out = dict.fromkeys(topics, 0)
+        for tp in parts:
+            start = starts[tp].offset if tp in starts else committed[tp].offset
+            out[tp.topic] += max(0, ends[tp].offset - start)
+        return out
+
     # -- clients --------------------------------------------------------------------------
-    def producer(self, linger_ms: int = 5) -> KafkaLogProducer:
-        p = KafkaLogProducer(self, linger_ms)
+    def producer(self, linger_ms: int = 5, delivery_timeout_s: float | None = None) -> KafkaLogProducer:
+        p = KafkaLogProducer(self, linger_ms, delivery_timeout_s)
         self._children.add(p)
         return p
 
@@ -119,11 +154,13 @@ class KafkaLog:
         for child in list(self._children):
             with contextlib.suppress(Exception):
                 child.close()
-        with self._admin_lock:
-            if self._admin is not None:
-                with contextlib.suppress(Exception):
-                    self._admin.close()
-                self._admin = None
+        for lock, name in ((self._admin_lock, "_admin"), (self._monitor_lock, "_monitor")):
+            with lock:
+                admin = getattr(self, name)
+                if admin is not None:
+                    with contextlib.suppress(Exception):
+                        admin.close()
+                    setattr(self, name, None)
 
     def __enter__(self) -> KafkaLog:
         return self
@@ -146,23 +183,38 @@ class KafkaDelivery:
     def error(self) -> Exception | None:
         return self._future.exception if self._future.is_done else None
 
+    def wait(self, timeout: float) -> None:
+        try:
+            self._future.get(timeout=timeout)
+        except KafkaTimeoutError as exc:  # our wait, or the record's delivery timeout, ran out
+            raise TimeoutError(f"record not acknowledged within {timeout:g} s") from exc
+        except KafkaError as exc:
+            raise Undelivered(f"record not delivered: {exc!r}") from exc
+
 
 class KafkaLogProducer:
     """Sends bytes with an optional string key (the key picks the partition: murmur2, as Java)."""
 
-    def __init__(self, owner: KafkaLog, linger_ms: int = 5) -> None:
+    def __init__(self, owner: KafkaLog, linger_ms: int = 5, delivery_timeout_s: float | None = None) -> None:
         self._close_timeout_s = owner.close_timeout_ms / 1000
+        if delivery_timeout_s is None:
+            bounds = {"delivery_timeout_ms": 120_000, "max_block_ms": 30_000}
+        else:  # the broker's answer (or a failure) within delivery_timeout_s, from send() on
+            delivery_ms = max(int(delivery_timeout_s * 1000), linger_ms + 100)
+            bounds = {"delivery_timeout_ms": delivery_ms, "request_timeout_ms": delivery_ms - linger_ms,
+                      "max_block_ms": delivery_ms}
         self._producer = KafkaProducer(
             bootstrap_servers=owner.bootstrap,
             client_id=f"{owner.client_id}-producer",
             acks="all",
             enable_idempotence=True,  # retries cannot duplicate or reorder within a partition
             retries=2**31 - 1,  # bounded by delivery_timeout_ms instead
-            delivery_timeout_ms=120_000,
             linger_ms=linger_ms,  # 5 ms: small batches, throughput without hurting freshness
             batch_size=64 * 1024,
-            max_block_ms=30_000,  # send() blocks (bounded backpressure) when the buffer is full
+            # max_block_ms: send() blocks (bounded backpressure) when the buffer is full or the
+            # topic's metadata is unknown
             allow_auto_create_topics=False,
+            **bounds,
         )
         self._error: Exception | None = None
         self._failed = 0
@@ -175,7 +227,11 @@ class KafkaLogProducer:
             self._error = exc
 
     def send(self, topic: str, value: bytes, key: str | None = None) -> KafkaDelivery:
-        future = self._producer.send(topic, value=bytes(value), key=key.encode() if key is not None else None)
+        """Raises TimeoutError when the producer could not take the record within its max_block_ms."""
+        try:
+            future = self._producer.send(topic, value=bytes(value), key=key.encode() if key is not None else None)
+        except KafkaTimeoutError as exc:
+            raise TimeoutError(f"the producer could not take a record for {topic!r}: {exc}") from exc
         future.add_errback(self._on_error)
         return KafkaDelivery(future)
 

@@ -101,8 +101,16 @@ class InProcessLog:
             part.records = part.records[len(part.records) - self.max_records:]
         part.start = part.records[0].offset if part.records else part.next_offset
 
-    def producer(self, linger_ms: int = 5) -> InProcessProducer:
-        return InProcessProducer(self)
+    def producer(self, linger_ms: int = 5, delivery_timeout_s: float | None = None) -> InProcessProducer:
+        return InProcessProducer(self)  # appends are synchronous: nothing to bound
+
+    def backlog(self, group: str, topics: list[str]) -> dict[str, int]:
+        """Per topic, the records `group` has not committed (from the log start where it has none)."""
+        with self._lock:
+            committed = self._committed.get(group, {})
+            return {name: sum(part.next_offset - max(part.start, committed.get((name, index), part.start))
+                              for index, part in enumerate(self._topic(name).partitions))
+                    for name in topics}
 
     # -- consume ----------------------------------------------------------------------------
     def consumer(self, topics: list[str], group: str, from_beginning: bool = True) -> InProcessConsumer:
@@ -147,6 +155,9 @@ class Delivered:
 
     def error(self) -> Exception | None:
         return None
+
+    def wait(self, timeout: float) -> None:
+        pass
 
 
 DELIVERED = Delivered()

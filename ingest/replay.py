@@ -2,7 +2,8 @@
 
 Streams the catalog as item upserts, then the `to_read` interactions (or both interleaved by a
 simulated clock, each interaction after its book), into real Kafka (`--kafka-bootstrap` or
-TERNREC_KAFKA_BOOTSTRAP) or, from Python, into any event log. `--rate` paces it; a state file
+TERNREC_KAFKA_BOOTSTRAP) or, from Python, into any event log. Item events go to the bulk lane
+(`item-backfill`) unless `--lane live` (to simulate live traffic). `--rate` paces it; a state file
 makes it resumable: a rerun with the same selection continues after the last flushed event.
 """
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from ingest.catalog import load_interactions, load_items
 from ingest.eventlog import EventLog, EventProducer, ensure_topics, open_event_log
 from ingest.schema import Event, Interaction
-from ingest.settings import Settings, add_settings_flags, settings_from_args
+from ingest.settings import LANES, Settings, add_settings_flags, settings_from_args
 
 FLUSH_EVERY = 1000  # events between flushes; the resume point advances only after a flush
 
@@ -117,10 +118,10 @@ def _paced(events: list[Event], start: int, rate: float | None) -> Iterator[Even
 
 
 def replay(event_log: EventLog, settings: Settings, events: list[Event], rate: float | None = None,
-           state: ResumeState | None = None, progress: bool = True) -> Summary:
-    """Sends `events` (from where `state` left off) and returns the summary."""
+           state: ResumeState | None = None, progress: bool = True, lane: str = "bulk") -> Summary:
+    """Sends `events` (from where `state` left off; item events in `lane`) and returns the summary."""
     ensure_topics(event_log, settings)
-    producer = EventProducer(event_log, settings)
+    producer = EventProducer(event_log, settings, lane=lane)
     summary = Summary(skipped=state.load() if state else 0)
     began = time.perf_counter()
     bar = tqdm(total=len(events), initial=summary.skipped, unit="ev", disable=not progress,
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, help="interactions of the first N users only (0 = none)")
     parser.add_argument("--interleave", action="store_true",
                         help="interleave interactions with items by a simulated clock")
+    parser.add_argument("--lane", choices=LANES, default="bulk",
+                        help="lane of the item events (default bulk; live simulates live traffic)")
     parser.add_argument("--state", type=Path, help="resume-state file (default: under ~/.cache/ternrec)")
     parser.add_argument("--restart", action="store_true", help="ignore saved progress, start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -170,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                      "(embedded mode replays from `make demo` itself)")
     selection = Selection(limit=args.limit, users=args.users, interleave=args.interleave)
     state_path = args.state or Path.home() / ".cache" / "ternrec" / "replay" / f"{selection.key()}.json"
-    state = ResumeState(state_path, selection, target=settings.kafka_bootstrap)
+    state = ResumeState(state_path, selection, target=f"{settings.kafka_bootstrap}/{settings.item_topic(args.lane)}")
     if args.restart:
         state.save(0)
     events = selected_events(selection)
     event_log = open_event_log(settings)
     try:
         summary = replay(event_log, settings, events, rate=args.rate, state=state,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, lane=args.lane)
     finally:
         event_log.close()
     print(summary)

@@ -6,9 +6,11 @@ discriminator (docs/ARCHITECTURE.md, seams). Every event carries an `event_id`, 
 missing. Extra fields are kept. Oversized input is rejected with a reason, never truncated. Item
 events are keyed by `item_id`, interactions by `user_id`.
 
-An `ItemChange` is what the encoder worker applied for one item (an upsert with its embedding, or
-a delete): it goes onto the compacted `item-embeddings` topic, keyed by `item_id`, as JSON with the
-embedding in base64 float32 (`change_to_json` / `change_from_json`).
+Item events travel in one of two lanes (`topic_for`, `Settings.item_topic`): live or bulk.
+
+An `ItemChange` is what the encoder worker applied for one item (an upsert with its embedding and
+metadata, or a delete): it goes onto the compacted `item-embeddings` topic, keyed by `item_id`, as
+JSON with the embedding in base64 float32 (`change_to_json` / `change_from_json`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ingest.settings import LANES
 
 SCHEMA_VERSION = 1
 MAX_ID_CHARS = 256
@@ -201,33 +205,57 @@ def event_json_schemas(limits: Limits = DEFAULT_LIMITS) -> dict[str, dict]:
     return {"Event": schema, **defs}
 
 
-def topic_for(event: Event, settings) -> str:
-    """Item events go to the item topic, interactions to the user topic."""
-    return settings.topic_user_events if isinstance(event, Interaction) else settings.topic_item_events
+def topic_for(event: Event, settings, lane: str = "live") -> str:
+    """Item events go to their lane's item topic, interactions to the user topic."""
+    return settings.topic_user_events if isinstance(event, Interaction) else settings.item_topic(lane)
+
+
+def item_metadata(event: ItemUpsert) -> dict[str, Any]:
+    """What an answer shows of an item: title, authors, year, tags, image_url (absent ones normalized
+    the way the store keeps them, so that hydrating from the index or from Redis gives the same)."""
+    return {"title": event.title, "authors": event.authors or "", "year": event.year or None,
+            "tags": list(event.tags or []), "image_url": event.image_url or ""}
 
 
 @dataclass(frozen=True)
 class ItemChange:
-    """An applied item upsert or delete, as published on `item-embeddings`."""
+    """An applied item upsert or delete, as published on `item-embeddings`.
+
+    `metadata` (see `item_metadata`) travels with an upsert so that a replica answers without asking
+    Redis; `lane` is the lane its event came through (freshness is reported per lane).
+    """
 
     item_id: str
     ts: float
     event_id: str
     deleted: bool
     embedding: np.ndarray | None = None
+    metadata: dict[str, Any] | None = None
+    lane: str = "live"
 
 
 def change_to_json(change: ItemChange) -> bytes:
-    """The `item-embeddings` message: the change, embedding as base64 float32."""
+    """The `item-embeddings` message: the change, embedding as base64 float32, metadata as is."""
     payload = {"item_id": change.item_id, "ts": change.ts, "event_id": change.event_id,
-               "deleted": change.deleted}
+               "deleted": change.deleted, "lane": change.lane}
     if change.embedding is not None:
         payload["embedding"] = base64.b64encode(np.asarray(change.embedding, np.float32).tobytes()).decode()
+    if change.metadata is not None:
+        payload["metadata"] = change.metadata
     return json.dumps(payload).encode()
 
 
 def change_from_json(value: bytes) -> ItemChange:
+    """Decodes an `item-embeddings` message (ValueError, KeyError or TypeError when malformed);
+    messages written before metadata and lanes existed decode with none and "live"."""
     data = json.loads(value)
     emb = data.get("embedding")
+    metadata = data.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be an object, got {type(metadata).__name__}")
+    lane = data.get("lane", "live")
+    if lane not in LANES:
+        raise ValueError(f"unknown lane {lane!r}")
     return ItemChange(data["item_id"], float(data["ts"]), data["event_id"], bool(data["deleted"]),
-                      None if emb is None else np.frombuffer(base64.b64decode(emb), dtype=np.float32))
+                      None if emb is None else np.frombuffer(base64.b64decode(emb), dtype=np.float32),
+                      metadata, lane)

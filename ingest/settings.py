@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the app's one; resources beside the code
 BUNDLED_TERNARY_MODEL = REPO_ROOT / "models" / "ternary-minilm"
 KAFKA_VERSION = "3.9.1"
+LANES = ("live", "bulk")  # the lanes of item events, in the order the worker drains them
 
 
 class Settings(BaseSettings):
@@ -41,16 +42,26 @@ class Settings(BaseSettings):
     kernel_path: str = Field("", description="force a kernel path (reference, avx2, avx512vnni, ...); "
                                              "empty = the best this CPU runs")
 
-    # Topics and their layout.
+    # Topics and their layout. Item events travel in two lanes (docs/ARCHITECTURE.md): live
+    # (POST /events, producers of new items) and bulk (replay, backfills, re-encodes); the worker
+    # drains the live lane first.
     partitions: int = Field(3, ge=1, le=256, description="partitions per topic created at start-up")
-    topic_item_events: str = "item-events"
+    topic_item_events: str = Field("item-events", description="the live lane of item events")
+    topic_item_backfill: str = Field("item-backfill", description="the bulk lane of item events")
     topic_user_events: str = "user-events"
     topic_item_embeddings: str = "item-embeddings"
     topic_dead_letter: str = "dead-letter"
 
-    # Encoder worker micro-batching.
+    # Encoder worker micro-batching: a batch takes what is available up to max_batch (single items
+    # when idle); only a bulk batch waits (max_wait_ms) to fill, and it is cut to about bulk_slice_ms of
+    # encoding while live events flow, the longest a live event then waits behind one.
     max_batch: int = Field(32, ge=1, le=4096, description="largest micro-batch the worker encodes")
-    max_wait_ms: float = Field(5.0, ge=0, description="longest a micro-batch waits to fill")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a bulk micro-batch waits to fill")
+    bulk_slice_ms: float = Field(20.0, gt=0, description="encoding time of one bulk batch while live "
+                                                          "events flow")
+
+    # The HTTP path: the longest a request waits for the broker or Redis before it answers 503.
+    request_timeout_s: float = Field(1.5, gt=0, le=30, description="longest a request waits for Kafka or Redis")
 
     # Event limits: larger events are rejected (dead-lettered), never silently truncated.
     max_text_chars: int = Field(8000, ge=1, description="longest item text accepted")
@@ -62,6 +73,12 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "ternrec" / f"kafka-{KAFKA_VERSION}",
         description="directory holding the Kafka broker jars",
     )
+
+    def item_topic(self, lane: str) -> str:
+        """The topic of one lane of item events ("live" or "bulk")."""
+        if lane not in LANES:
+            raise ValueError(f"unknown lane {lane!r}; expected one of {', '.join(LANES)}")
+        return self.topic_item_events if lane == "live" else self.topic_item_backfill
 
     @property
     def embedded_log(self) -> bool:

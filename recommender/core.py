@@ -1,10 +1,15 @@
 """The recommender core, testable without HTTP: similar items, per-user picks, event intake.
 
-`Recommender` answers from the in-memory FAISS index (`ItemIndex`) and Redis (`Store`: metadata,
-profiles, seen sets); every answer carries its per-stage latency. `IndexUpdater` bootstraps the
-index from Redis and keeps it fresh from the `item-embeddings` topic (read by every replica with a
-group of its own, from the beginning: the topic is compacted and the index is versioned, so
-old changes are no-ops and nothing between bootstrap and subscription is missed).
+`Recommender` answers from the in-memory FAISS index (`ItemIndex`, which also keeps every searchable
+item's metadata: similar items need no Redis round trip) and Redis (`Store`: profiles, seen sets);
+every answer carries its per-stage latency. `IndexUpdater` bootstraps the index from Redis and keeps
+it fresh from the `item-embeddings` topic (read by every replica with a group of its own, from the
+beginning: the topic is compacted and the index is versioned, so old changes are no-ops and nothing
+between bootstrap and subscription is missed). `LaneMonitor` measures each lane's backlog at the
+encoder workers, which also tells whether the broker answers.
+
+Outages (docs/ARCHITECTURE.md): a request never waits for an unreachable broker or Redis longer than
+`Settings.request_timeout_s`; what cannot be answered then raises `Unavailable` (HTTP 503).
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ingest.eventlog import EventLog, EventProducer
-from ingest.schema import Event, InvalidEvent, Limits, change_from_json, parse_event, topic_for
-from ingest.settings import Settings
+from ingest.eventlog import EventLog, EventProducer, Undelivered, worker_group
+from ingest.schema import Event, InvalidEvent, Limits, change_from_json, parse_event
+from ingest.settings import LANES, Settings
 from recommender.index import ItemIndex
 from recommender.metrics import Metrics, StageTimer
 from recommender.store import Store
@@ -30,6 +35,16 @@ MAX_K = 100
 
 class UnknownItem(LookupError):
     pass
+
+
+class Unavailable(RuntimeError):
+    """A dependency did not answer in time; `reason` says what could not be done."""
+
+    def __init__(self, dependency: str, reason: str, retry_after_s: int = 2):
+        super().__init__(f"{dependency} unavailable: {reason}")
+        self.dependency = dependency
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -44,17 +59,20 @@ class Answer:
 
 class Recommender:
     def __init__(self, store: Store, index: ItemIndex, producer: EventProducer, settings: Settings,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, monitor: LaneMonitor | None = None):
+        """`monitor`: what /health reports about the broker (None: an in-process log, always there)."""
         self.store = store
         self.index = index
         self.producer = producer
         self.settings = settings
         self.limits = Limits.from_settings(settings)
         self.metrics = metrics or Metrics()
+        self.monitor = monitor
         self.started = time.time()
 
     # -- queries ------------------------------------------------------------------------------
     def similar(self, item_id: str, k: int = 10) -> Answer:
+        """The k nearest items, hydrated from the index (no Redis round trip, see `_metadata`)."""
         timer = StageTimer()
         with timer.stage("lookup"):
             vector = self.index.vector(item_id)
@@ -113,12 +131,23 @@ class Recommender:
         return {i: recent[n] for (i, _), n in zip(hits, nearest, strict=False)}
 
     def _titles(self, item_ids: list[str]) -> list[str | None]:
-        return [m["title"] if m else None for m in self.store.items_metadata(item_ids)]
+        metadata = self._metadata(item_ids)
+        return [metadata[i]["title"] if i in metadata else None for i in item_ids]
 
     def _hydrate(self, hits: list[tuple[str, float]]) -> list[dict]:
-        metadata = self.store.items_metadata([i for i, _ in hits])
-        return [{"item_id": item_id, "score": round(score, 5), **meta}
-                for (item_id, score), meta in zip(hits, metadata, strict=True) if meta is not None]
+        metadata = self._metadata([i for i, _ in hits])
+        return [{"item_id": item_id, "score": round(score, 5), **metadata[item_id]}
+                for item_id, score in hits if item_id in metadata]
+
+    def _metadata(self, item_ids: list[str]) -> dict[str, dict]:
+        """From the index; from Redis only for searchable items whose change carried none (written
+        before metadata travelled with the changes). Unknown and deleted items are left out."""
+        found = self.index.metadata(item_ids)
+        missing = [i for i in item_ids if i not in found and i in self.index]
+        if missing:
+            found.update((i, m) for i, m in zip(missing, self.store.items_metadata(missing), strict=True)
+                         if m is not None)
+        return found
 
     def _answer(self, endpoint: str, items: list[dict], timer: StageTimer, extra: dict | None = None) -> Answer:
         latency = timer.finish()
@@ -126,31 +155,82 @@ class Recommender:
         return Answer(items, latency, extra or {})
 
     # -- intake ---------------------------------------------------------------------------------
-    def submit(self, raw: dict) -> Event:
-        """Validates an event (InvalidEvent on bad input), fills id/timestamp, and produces it."""
+    def submit(self, raw: dict | bytes) -> Event:
+        """Validates an event (InvalidEvent on bad input), fills id/timestamp, produces it to the live
+        lane and returns once the broker acknowledged it; Unavailable when it did not within
+        `request_timeout_s` (the event is then not accepted: a client resends it, best with the
+        same event_id, which makes a resend of an event that did arrive a no-op)."""
         try:
             event = parse_event(raw, self.limits)
         except InvalidEvent:
             self.metrics.events_rejected.inc()
             raise
-        self.producer.send(event)
-        self.producer.flush()
+        timeout = self.settings.request_timeout_s
+        began = time.monotonic()
+        try:
+            delivery = self.producer.send(event)  # may block (the broker's metadata), as long as timeout
+            delivery.wait(max(0.0, timeout - (time.monotonic() - began)))  # the two together: timeout
+        except (TimeoutError, Undelivered) as exc:
+            self.metrics.events_unavailable.inc()
+            raise Unavailable("kafka", f"the broker did not acknowledge the event within {timeout:g} s "
+                                       f"({exc}); it was not accepted") from None
         self.metrics.events_submitted.labels(event.type).inc()
         return event
 
     def health(self) -> dict:
+        """Each dependency's state; "degraded" when one is down. Waits at most `request_timeout_s`."""
         try:
-            redis_ok = self.store.ping()
-        except Exception:  # any Redis failure means "not healthy", with the reason logged
-            log.exception("Redis health check failed")
-            redis_ok = False
+            self.store.ping()
+            redis = {"ok": True}
+        except Exception as exc:  # any Redis failure means "not healthy", with the reason
+            log.warning("Redis health check failed: %s", exc)
+            redis = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+        kafka = self.monitor.kafka_state() if self.monitor else {"ok": True, "detail": "in-process event log"}
         self.metrics.index_size.set(len(self.index))
-        return {"status": "ok" if redis_ok else "degraded", "index_size": len(self.index),
-                "redis": redis_ok, "encoder_topic": self.settings.topic_item_embeddings,
+        ok = redis["ok"] and kafka["ok"]
+        return {"status": "ok" if ok else "degraded", "index_size": len(self.index),
+                "redis": redis["ok"], "kafka": kafka["ok"], "dependencies": {"redis": redis, "kafka": kafka},
+                "encoder_topic": self.settings.topic_item_embeddings,
                 "uptime_s": round(time.time() - self.started, 1)}
 
     def topic_of(self, event: Event) -> str:
-        return topic_for(event, self.settings)
+        return self.producer.topic(event)
+
+
+class LaneMonitor:
+    """Each lane's backlog at the encoder workers (records their group has not committed), measured
+    every `every_s` on a thread of its own: the same broker call says whether the broker answers
+    (a call that hangs only ages the last success)."""
+
+    def __init__(self, event_log: EventLog, settings: Settings, metrics: Metrics, every_s: float = 1.0,
+                 stale_s: float = 3.0):
+        self.event_log = event_log
+        self.topics = {lane: settings.item_topic(lane) for lane in LANES}
+        self.metrics = metrics
+        self.every_s = every_s
+        self.stale_s = stale_s  # no answer for this long: the broker is reported down
+        self._last_ok: float | None = None
+        self._last_error = "not measured yet"
+
+    def check(self) -> None:
+        try:
+            lags = {lane: self.event_log.backlog(worker_group(lane), [topic])[topic]
+                    for lane, topic in self.topics.items()}
+        except Exception as exc:  # whatever the log raises when the broker does not answer
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            return
+        self._last_ok = time.monotonic()
+        self.metrics.report_backlog(lags)
+
+    def kafka_state(self) -> dict:
+        if self._last_ok is not None and time.monotonic() - self._last_ok <= self.stale_s:
+            return {"ok": True}
+        return {"ok": False, "detail": f"the broker has not answered for over {self.stale_s:g} s "
+                                       f"(last error: {self._last_error})"}
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.every_s):
+            self.check()
 
 
 class IndexUpdater:
@@ -192,7 +272,7 @@ class IndexUpdater:
                 log.error("skipping malformed item-embeddings record at %s[%d]@%d: %s",
                           record.topic, record.partition, record.offset, exc)
         applied = self.index.apply(changes)
-        self.metrics.observe_index_update([c.ts for c in applied])
+        self.metrics.observe_index_update(applied)
         self.metrics.index_size.set(len(self.index))
         return len(applied)
 

@@ -12,6 +12,12 @@ still at that scale but cannot remove vectors, so deletes would need periodic re
 Versions: every item keeps the (ts, event_id) of the change that produced its vector (tombstones
 too), so replaying `item-embeddings` from the beginning, or receiving changes out of order, never
 lets an older change win. All methods are thread-safe.
+
+Search: concurrent queries share one scan of the vectors (see `search`).
+
+Metadata: the title, authors, year, tags and image of every searchable item travel with its change
+and are kept here, beside its vector, so that an answer is hydrated without asking Redis. Only
+searchable items have an entry (a delete drops it): memory is bounded by the catalog.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ import numpy as np
 from ingest.schema import ItemChange
 
 TIE_SLACK = 8
+MAX_SHARED_SCAN = 32  # queries one scan searches for at most
+# Two or more queries in one call go through BLAS (one pass over the vectors for all of them);
+# FAISS's default keeps up to 20 (or more) on its per-query loop, which scans once per query.
+faiss.cvar.distance_compute_blas_threshold = 2
 _thread = threading.local()
 
 
@@ -37,7 +47,11 @@ class ItemIndex:
         self._item_of: dict[int, str] = {}
         self._versions: dict[str, tuple[float, str]] = {}
         self._live: set[str] = set()
+        self._metadata: dict[str, dict] = {}  # searchable item -> its metadata, when its change had it
         self._lock = threading.Lock()
+        self._waiting: list[_Search] = []  # queries waiting for a scan
+        self._waiting_lock = threading.Lock()
+        self._scan_lock = threading.Lock()  # one scan at a time; it takes every waiting query along
 
     def _new_index(self, dim: int):
         return faiss.IndexIDMap2(faiss.index_factory(dim, self.factory, faiss.METRIC_INNER_PRODUCT))
@@ -87,7 +101,16 @@ class ItemIndex:
                     self._live.discard(c.item_id)
                 else:
                     self._live.add(c.item_id)
+                if c.deleted or c.metadata is None:  # none carried: the caller asks the store
+                    self._metadata.pop(c.item_id, None)
+                else:
+                    self._metadata[c.item_id] = c.metadata
         return fresh
+
+    def metadata(self, item_ids: list[str]) -> dict[str, dict]:
+        """The metadata of those of `item_ids` that are searchable and have it here."""
+        with self._lock:
+            return {i: self._metadata[i] for i in item_ids if i in self._metadata}
 
     def _faiss_id(self, item_id: str) -> int:
         fid = self._ids.get(item_id)
@@ -103,21 +126,53 @@ class ItemIndex:
             return self._index.reconstruct(self._ids[item_id])
 
     def search(self, query: np.ndarray, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
-        """The k best items by inner product with `query`, skipping `exclude`."""
-        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
+        """The k best items by inner product with `query`, skipping `exclude`.
+
+        Concurrent callers share one scan: a flat search streams every vector through the CPU
+        (memory-bound), so the thread that gets the scan searches for every query waiting then,
+        in one FAISS call (BLAS for two or more), and the others find their answer done.
+        """
         # A few spare results so that equal scores are ordered by item id, not by insertion order
         # (a rebuilt index then answers exactly as the one it replaces).
         want = min(k + len(exclude) + TIE_SLACK, len(self._live))
         if want <= 0:
             return []
+        search = _Search(np.ascontiguousarray(query, dtype=np.float32).reshape(self.dim), want)
+        with self._waiting_lock:
+            self._waiting.append(search)
+        with self._scan_lock:
+            if search.found is None:  # no earlier scan took it along
+                with self._waiting_lock:
+                    batch, self._waiting = self._waiting[:MAX_SHARED_SCAN], self._waiting[MAX_SHARED_SCAN:]
+                self._scan(batch)
+        found = sorted(search.found, key=lambda hit: (-hit[1], hit[0]))
+        return [(item_id, score) for item_id, score in found if item_id not in exclude][:k]
+
+    def _scan(self, batch: list[_Search]) -> None:
         if not getattr(_thread, "single_omp", False):
             # OpenMP's thread count is per thread: a server thread would otherwise fan a
             # sub-millisecond search out to every core and spin-wait on the barrier.
             faiss.omp_set_num_threads(1)
             _thread.single_omp = True
+        queries = np.stack([b.query for b in batch])
         with self._lock:
-            scores, ids = self._index.search(query, want)
-            found = [(self._item_of[int(i)], float(s)) for s, i in zip(scores[0], ids[0], strict=True)
-                     if i >= 0]
-        found.sort(key=lambda hit: (-hit[1], hit[0]))
-        return [(item_id, score) for item_id, score in found if item_id not in exclude][:k]
+            want = min(max(b.want for b in batch), len(self._live))
+            if want <= 0:  # everything was deleted meanwhile
+                for b in batch:
+                    b.found = []
+                return
+            scores, ids = self._index.search(queries, want)
+            for b, row_scores, row_ids in zip(batch, scores, ids, strict=True):
+                b.found = [(self._item_of[int(i)], float(s)) for s, i in zip(row_scores, row_ids, strict=True)
+                           if i >= 0]
+
+
+class _Search:
+    """One caller's query, and its hits once a scan did it."""
+
+    __slots__ = ("query", "want", "found")
+
+    def __init__(self, query: np.ndarray, want: int):
+        self.query = query
+        self.want = want
+        self.found: list[tuple[str, float]] | None = None

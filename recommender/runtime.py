@@ -17,7 +17,7 @@ import faiss
 from encoder import load_encoder
 from ingest.eventlog import EventProducer, ensure_topics, open_event_log
 from ingest.settings import Settings
-from recommender.core import IndexUpdater, Recommender
+from recommender.core import IndexUpdater, LaneMonitor, Recommender
 from recommender.index import ItemIndex
 from recommender.metrics import Metrics
 from recommender.profiles import ProfileUpdater
@@ -35,7 +35,8 @@ class Runtime:
         faiss.omp_set_num_threads(1)  # one query at a time is tiny; OpenMP start-up costs more
         self.event_log = open_event_log(settings)
         ensure_topics(self.event_log, settings)
-        self.store = Store(open_redis(settings.redis_url))
+        # Requests never wait for Redis longer than request_timeout_s (an outage answers 503).
+        self.store = Store(open_redis(settings.redis_url, timeout_s=settings.request_timeout_s, retries=0))
         wait_for_redis(self.store)
         self.metrics = Metrics()
         self.with_workers = settings.embedded_log if with_workers is None else with_workers
@@ -44,18 +45,21 @@ class Runtime:
             self.encoder = load_encoder(settings.resolved_encoder, threads=settings.kernel_threads,
                                    kernel_path=settings.kernel_path or None)
         self.index = ItemIndex()
-        self.producer = EventProducer(self.event_log, settings)
-        self.recommender = Recommender(self.store, self.index, self.producer, settings, self.metrics)
+        # POST /events: the live lane, sent at once, acknowledged within request_timeout_s or refused.
+        self.producer = EventProducer(self.event_log, settings, lane="live",
+                                      delivery_timeout_s=settings.request_timeout_s, linger_ms=0)
+        self.monitor = LaneMonitor(self.event_log, settings, self.metrics)
+        self.recommender = Recommender(self.store, self.index, self.producer, settings, self.metrics, self.monitor)
         self.index_updater = IndexUpdater(self.event_log, self.store, self.index, settings, self.metrics)
-        self.worker = EncoderWorker(self.event_log, self.store, self.encoder, settings, metrics=self.metrics) \
-            if self.with_workers else None
+        self.worker = EncoderWorker(self.event_log, self.store, self.encoder, settings) if self.with_workers else None
         self.profiles = ProfileUpdater(self.event_log, self.store, settings) if self.with_workers else None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         self.index_updater.bootstrap()
-        loops = [("index-updater", self.index_updater.run)]
+        self.monitor.check()
+        loops = [("index-updater", self.index_updater.run), ("lane-monitor", self.monitor.run)]
         if self.worker:
             loops += [("encoder-worker", self.worker.run), ("profile-updater", self.profiles.run)]
         for name, loop in loops:
@@ -71,5 +75,8 @@ class Runtime:
         for part in (self.worker, self.profiles, self.index_updater):
             if part is not None:
                 part.close()
-        self.producer.close()
+        try:
+            self.producer.close()
+        except Exception as exc:  # events the broker did not take were answered 503 already
+            log.warning("closing the event producer: %s", exc)
         self.event_log.close()

@@ -7,25 +7,36 @@ latency and freshness percentiles for the UI).
 
 The OpenAPI document (`/openapi.json`) is the contract: every route declares the status codes it
 really answers, every error has one body (`ErrorBody`), and the `POST /events` body is the event
-union of ingest/schema.py with its size limits. tests/test_contract.py fuzzes the running service
-against it.
+union of ingest/schema.py with its size limits. tests/test_http_contract.py fuzzes the running
+service against it.
+
+Outages: with the broker or Redis unreachable no request waits longer than about
+`request_timeout_s`. `POST /events` then answers 503 with the reason and a `Retry-After` (never 202
+for an event the broker did not acknowledge); similar items come from the replica's index and
+metadata alone (no Redis); per-user picks need the profile in Redis and answer 503; `/health` says
+which dependency is down.
+
+The hot route (similar items) writes its JSON itself: the answer is built to the `Results` schema
+by the core, so the response model's validation is skipped there.
 """
 
 import argparse
+import json
 import logging
 import os
 from typing import Annotated, Any, Literal
 
+import redis
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.schema import ID_PATTERN, MAX_ID_CHARS, InvalidEvent, event_json_schemas
-from ingest.settings import Settings, add_settings_flags, settings_from_args
-from recommender.core import MAX_K, Recommender, UnknownItem
+from ingest.settings import LANES, Settings, add_settings_flags, settings_from_args
+from recommender.core import MAX_K, Recommender, Unavailable, UnknownItem
 from recommender.stopping import StopRequested, abort_on_signal
 
 log = logging.getLogger("recommender.service")
@@ -73,10 +84,24 @@ class Accepted(BaseModel):
     topic: str
 
 
+class Dependency(BaseModel):
+    ok: bool
+    detail: str | None = Field(None, description="why it is not ok (or what it is)")
+
+
 class Health(BaseModel, extra="allow"):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded"] = Field(description="degraded when a dependency is down")
     index_size: int = Field(description="distinct searchable items")
     redis: bool
+    kafka: bool
+    dependencies: dict[Literal["kafka", "redis"], Dependency]
+
+
+class LaneStats(BaseModel):
+    backlog: int | None = Field(description="item events of this lane the encoder workers have not "
+                                            "committed yet (None: not measured yet)")
+    freshness_ms: dict[str, float] = Field(description="event produced -> searchable, percentiles")
+    freshness_count: int
 
 
 class Stats(BaseModel, extra="allow"):
@@ -84,6 +109,7 @@ class Stats(BaseModel, extra="allow"):
     index_size: int
     freshness_count: int
     freshness_ms: dict[str, float]
+    lanes: dict[Literal[LANES], LaneStats] = Field(description="the live and the bulk lane of item events")
     query_latency_ms: dict[str, dict[str, Any]]
 
 
@@ -97,6 +123,22 @@ EVENT_EXAMPLES = {
 
 def _errors(*codes: int) -> dict:
     return {code: {"model": ErrorBody} for code in codes}
+
+
+UNAVAILABLE = {503: {"model": ErrorBody, "description": "the broker or Redis did not answer in time",
+                     "headers": {"Retry-After": {"description": "seconds to wait before trying again",
+                                                 "schema": {"type": "integer", "minimum": 1}}}}}
+
+
+def _unavailable(dependency: str, reason: str, retry_after_s: int = 2) -> JSONResponse:
+    return JSONResponse({"detail": f"{dependency} unavailable: {reason}"}, status_code=503,
+                        headers={"Retry-After": str(retry_after_s)})
+
+
+def _needs_redis(path: str) -> str:
+    if path.startswith("/users/"):
+        return "per-user picks need the user's profile, which is kept in Redis"
+    return "this answer needs Redis"
 
 
 K = Annotated[int, Query(ge=1, le=MAX_K, description=f"how many results, 1 to {MAX_K}")]
@@ -114,7 +156,7 @@ def create_app(recommender: Recommender) -> FastAPI:
     app = FastAPI(title="ternrec recommender", version="0.1.0")
     max_body = recommender.limits.max_event_bytes
 
-    def core() -> Recommender:
+    async def core() -> Recommender:  # async: resolved on the event loop, no thread hop
         return recommender
 
     Core = Annotated[Recommender, Depends(core)]
@@ -129,22 +171,26 @@ def create_app(recommender: Recommender) -> FastAPI:
         return bytes(body)
 
     @app.get("/items/{item_id}/similar", response_model=Results, operation_id="similar_items",
-             responses=_errors(404, 422))
+             responses={**_errors(404, 422), **UNAVAILABLE})
     def similar(item_id: Id, rec: Core, k: K = 10):
-        """The k items nearest to `item_id` by content (404 if it is not searchable)."""
+        """The k items nearest to `item_id` by content (404 if it is not searchable), from this
+        replica's index and metadata (Redis only for items whose metadata the replica lacks).
+        On the thread pool: concurrent searches share one scan of the index."""
         try:
-            return rec.similar(item_id, k).to_dict()
+            answer = rec.similar(item_id, k)
         except UnknownItem as exc:
             raise HTTPException(404, str(exc)) from None
+        return Response(json.dumps(answer.to_dict(), allow_nan=False, separators=(",", ":")),
+                        media_type="application/json")
 
     @app.get("/users/{user_id}/recommendations", response_model=Recommendations,
-             operation_id="user_recommendations", responses=_errors(422))
+             operation_id="user_recommendations", responses={**_errors(422), **UNAVAILABLE})
     def recommendations(user_id: Id, rec: Core, k: K = 10):
         """Picks for a user, seen items excluded; a user without history gets the popular list."""
         return rec.recommend(user_id, k).to_dict()
 
     @app.post("/events", status_code=202, response_model=Accepted, operation_id="post_event",
-              responses={**_errors(413, 422), 202: {"links": _event_links()}},
+              responses={**_errors(413, 422), **UNAVAILABLE, 202: {"links": _event_links()}},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": {"$ref": "#/components/schemas/Event"}, "examples": EVENT_EXAMPLES}}}})
     def events(rec: Core, body: Annotated[bytes, Depends(event_bytes)]):
@@ -156,7 +202,7 @@ def create_app(recommender: Recommender) -> FastAPI:
         return Accepted(event_id=event.event_id, ts=event.ts, type=event.type, topic=rec.topic_of(event))
 
     @app.get("/health", response_model=Health, operation_id="health",
-             responses={503: {"model": Health, "description": "a dependency is down"}})
+             responses={503: {"model": Health, "description": "a dependency (kafka, redis) is down"}})
     def health(rec: Core):
         status = rec.health()
         return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)
@@ -171,6 +217,16 @@ def create_app(recommender: Recommender) -> FastAPI:
                               "description": "Prometheus text exposition format"}})
     def metrics(rec: Core):
         return PlainTextResponse(rec.metrics.prometheus_text(), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(Unavailable)
+    def dependency_down(_: Request, exc: Unavailable):
+        return _unavailable(exc.dependency, exc.reason, exc.retry_after_s)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    def redis_down(request: Request, exc: redis.RedisError):
+        log.warning("Redis unavailable for %s: %s", request.url.path, exc)
+        return _unavailable("redis", f"{_needs_redis(request.url.path)} ({type(exc).__name__})")
 
     @app.exception_handler(StarletteHTTPException)
     def http_error(_: Request, exc: StarletteHTTPException):

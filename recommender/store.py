@@ -13,8 +13,10 @@ Redis is the online source of truth. Layout (all keys under the configured prefi
                       folds them into the profile from the index).
 
 Writes are idempotent and ordered by version = (ts, event_id): an event older than the stored one
-is skipped, the same event again rewrites the same values. Multi-key writes use WATCH/MULTI so
-two writers never interleave. Embedded mode passes a fakeredis client: the same code runs.
+is skipped, the same event again rewrites the same values. A batch of item writes is one Lua script
+(`ITEM_WRITE_LUA`: the version check and the writes of every item, atomically, in one round trip);
+the profile writes use WATCH/MULTI so two writers never interleave. Embedded mode passes a fakeredis
+client (with Lua): the same code runs.
 """
 
 from __future__ import annotations
@@ -28,22 +30,69 @@ from dataclasses import dataclass
 
 import numpy as np
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from ingest.schema import Interaction, ItemChange, ItemDelete, ItemUpsert
+from ingest.schema import Interaction, ItemChange, ItemDelete, ItemUpsert, item_metadata
 from recommender.stopping import StopRequested
 
 RECENT_ITEMS = 50
 PROFILE_HALF_LIFE_S = 7 * 24 * 3600.0  # interests fade over weeks, not minutes
+METADATA_FIELDS = ("title", "authors", "year", "tags", "image_url")
+
+# KEYS: the live-items set, then one item hash per item. ARGV: ITEM_ARGS values per item. An event
+# is written unless the stored version is newer; returns the 1-based positions of those written.
+ITEM_ARGS = ("item_id", "ts", "event_id", "deleted", "title", "authors", "year", "tags", "image_url",
+             "text", "emb")
+ITEM_WRITE_LUA = """
+-- (ts, id) older than (sts, sid)? Event ids compare byte by byte (Lua's string '<' follows the
+-- server's locale; bytes of UTF-8 order as Python orders the code points).
+local function older(ts, id, sts, sid)
+  local a, b = tonumber(ts), tonumber(sts)
+  if a ~= b then return a < b end
+  for i = 1, math.min(#id, #sid) do
+    local x, y = string.byte(id, i), string.byte(sid, i)
+    if x ~= y then return x < y end
+  end
+  return #id < #sid
+end
+local written = {}
+for i = 1, #KEYS - 1 do
+  local key, a = KEYS[i + 1], (i - 1) * 11
+  local item_id, ts, id, deleted = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local stored = redis.call('HMGET', key, 'ts', 'event_id')
+  if not stored[1] or not older(ts, id, stored[1], stored[2] or '') then
+    if deleted == '1' then  -- a tombstone: a late, older upsert cannot bring the item back
+      redis.call('DEL', key)
+      redis.call('HSET', key, 'ts', ts, 'event_id', id, 'deleted', '1')
+      redis.call('SREM', KEYS[1], item_id)
+    else
+      redis.call('HSET', key, 'ts', ts, 'event_id', id, 'deleted', '0', 'title', ARGV[a + 5],
+                 'authors', ARGV[a + 6], 'year', ARGV[a + 7], 'tags', ARGV[a + 8],
+                 'image_url', ARGV[a + 9], 'text', ARGV[a + 10], 'emb', ARGV[a + 11])
+      redis.call('SADD', KEYS[1], item_id)
+    end
+    written[#written + 1] = i
+  end
+end
+return written
+"""
 
 
-def open_redis(url: str) -> redis.Redis:
-    """A client for a real Redis server, or an in-process one (fakeredis) when the URL is empty."""
+def open_redis(url: str, timeout_s: float = 5.0, retries: int | None = None) -> redis.Redis:
+    """A client for a real Redis server, or an in-process one (fakeredis) when the URL is empty.
+
+    `timeout_s` bounds each connect and each reply; `retries` (default: redis-py's, with back-off)
+    how often a failed command is tried again: the HTTP path asks for none, so that a request
+    never waits for an unreachable Redis longer than `timeout_s`.
+    """
     if not url:
         import fakeredis
 
         return fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
-                                health_check_interval=10)
+    bounds = {} if retries is None else {"retry": Retry(NoBackoff(), retries)}
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                health_check_interval=10, **bounds)
 
 
 @dataclass(frozen=True)
@@ -58,10 +107,18 @@ def _version(ts: float, event_id: str) -> tuple[float, str]:
     return (float(ts), event_id)
 
 
+def _metadata(values: list[bytes | None]) -> dict:
+    """METADATA_FIELDS as stored -> the shape of ingest.schema.item_metadata."""
+    title, authors, year, tags, image_url = values
+    return {"title": title.decode(), "authors": (authors or b"").decode(), "year": int(year) if year else None,
+            "tags": json.loads(tags or b"[]"), "image_url": (image_url or b"").decode()}
+
+
 class Store:
     def __init__(self, client: redis.Redis, prefix: str = "ternrec:"):
         self.r = client
         self.p = prefix
+        self._write_items = client.register_script(ITEM_WRITE_LUA)  # EVALSHA, loaded again after a restart
 
     # -- keys ---------------------------------------------------------------------------------
     def _item(self, item_id: str) -> str:
@@ -93,47 +150,30 @@ class Store:
         return out
 
     def apply_item_events(self, events: list[tuple[ItemUpsert | ItemDelete, np.ndarray | None]],
-                          ) -> list[ItemChange]:
-        """Writes upserts (with their embeddings) and deletes not older than what is stored.
-
-        `events` holds at most one event per item. Returns the changes applied, in order.
-        """
+                          lane: str = "live") -> list[ItemChange]:
+        """Writes upserts (with their embeddings) and deletes not older than what is stored: one
+        round trip (ITEM_WRITE_LUA), atomic. `events` holds at most one event per item; `lane` is the
+        one they came through. Returns the changes applied, in order, metadata included."""
         if not events:
             return []
-        keys = [self._item(e.item_id) for e, _ in events]
-        while True:
-            with self.r.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(*keys)
-                    stored = self.stored_versions([e.item_id for e, _ in events])
-                    applied = [(e, emb) for e, emb in events
-                               if e.item_id not in stored
-                               or _version(e.ts, e.event_id) >= stored[e.item_id]]
-                    pipe.multi()
-                    for event, emb in applied:
-                        self._queue_item_write(pipe, event, emb)
-                    pipe.execute()
-                except redis.WatchError:
-                    continue  # another writer touched one of these items: re-read and retry
-            return [ItemChange(e.item_id, e.ts, e.event_id, isinstance(e, ItemDelete), emb)
-                    for e, emb in applied]
-
-    def _queue_item_write(self, pipe, event: ItemUpsert | ItemDelete, emb: np.ndarray | None) -> None:
-        key = self._item(event.item_id)
-        if isinstance(event, ItemDelete):
-            pipe.delete(key)
-            pipe.hset(key, mapping={"ts": repr(event.ts), "event_id": event.event_id, "deleted": "1"})
-            pipe.srem(self._items, event.item_id)
-            return
-        assert emb is not None, "an upsert needs its embedding"
-        fields = {
-            "title": event.title, "authors": event.authors or "", "year": event.year or "",
-            "tags": json.dumps(event.tags or []), "image_url": event.image_url or "",
-            "text": event.encoder_text, "ts": repr(event.ts), "event_id": event.event_id,
-            "deleted": "0", "emb": np.asarray(emb, dtype=np.float32).tobytes(),
-        }
-        pipe.hset(key, mapping=fields)
-        pipe.sadd(self._items, event.item_id)
+        keys = [self._items] + [self._item(e.item_id) for e, _ in events]
+        args: list = []
+        for event, emb in events:
+            row = {"item_id": event.item_id, "ts": repr(event.ts), "event_id": event.event_id, "deleted": "1"}
+            if isinstance(event, ItemUpsert):
+                assert emb is not None, "an upsert needs its embedding"
+                meta = item_metadata(event)
+                row.update(meta, deleted="0", year=meta["year"] or "", tags=json.dumps(meta["tags"]),
+                           text=event.encoder_text, emb=np.asarray(emb, dtype=np.float32).tobytes())
+            args += [row.get(name, "") for name in ITEM_ARGS]
+        written = self._write_items(keys=keys, args=args)
+        changes = []
+        for position in written:
+            event, emb = events[int(position) - 1]
+            deleted = isinstance(event, ItemDelete)
+            changes.append(ItemChange(event.item_id, event.ts, event.event_id, deleted, emb,
+                                      None if deleted else item_metadata(event), lane))
+        return changes
 
     def item_count(self) -> int:
         return int(self.r.scard(self._items))
@@ -145,16 +185,9 @@ class Store:
         """Title, authors, year, tags and image of each item (None for an unknown or deleted one)."""
         pipe = self.r.pipeline(transaction=False)
         for item_id in item_ids:
-            pipe.hmget(self._item(item_id), "title", "authors", "year", "tags", "image_url", "deleted")
-        out: list[dict | None] = []
-        for title, authors, year, tags, image_url, deleted in pipe.execute():
-            if title is None or deleted == b"1":
-                out.append(None)
-                continue
-            out.append({"title": title.decode(), "authors": (authors or b"").decode(),
-                        "year": int(year) if year else None, "tags": json.loads(tags or b"[]"),
-                        "image_url": (image_url or b"").decode()})
-        return out
+            pipe.hmget(self._item(item_id), *METADATA_FIELDS, "deleted")
+        return [None if values[0] is None or values[-1] == b"1" else _metadata(values[:-1])
+                for values in pipe.execute()]
 
     def item_embeddings(self, item_ids: list[str]) -> dict[str, np.ndarray]:
         pipe = self.r.pipeline(transaction=False)
@@ -165,17 +198,18 @@ class Store:
                 if emb is not None and deleted != b"1"}
 
     def iter_item_changes(self, batch: int = 1000) -> Iterator[ItemChange]:
-        """Every live item with its embedding and version: what an index bootstraps from."""
+        """Every live item with its embedding, metadata and version: what an index bootstraps from."""
         ids = self.item_ids()
         for start in range(0, len(ids), batch):
             chunk = ids[start:start + batch]
             pipe = self.r.pipeline(transaction=False)
             for item_id in chunk:
-                pipe.hmget(self._item(item_id), "emb", "ts", "event_id", "deleted")
-            for item_id, (emb, ts, event_id, deleted) in zip(chunk, pipe.execute(), strict=True):
+                pipe.hmget(self._item(item_id), "emb", "ts", "event_id", "deleted", *METADATA_FIELDS)
+            for item_id, (emb, ts, event_id, deleted, *meta) in zip(chunk, pipe.execute(), strict=True):
                 if emb is not None and deleted != b"1":
                     yield ItemChange(item_id, float(ts), event_id.decode(), False,
-                                     np.frombuffer(emb, dtype=np.float32))
+                                     np.frombuffer(emb, dtype=np.float32),
+                                     _metadata(meta) if meta[0] is not None else None)
 
     # -- users --------------------------------------------------------------------------------
     def apply_interactions(self, interactions: Iterable[Interaction],

@@ -12,6 +12,7 @@
 - `stack_settings`: kafka_settings plus redis_url: what a worker/recommender test passes on.
 - `make_redis`: a factory for a private LocalRedis (for tests that kill or restart Redis without
   disturbing anyone else's), stopped after the test.
+- `private_kafka`: a private LocalKafka (for tests that kill the broker), stopped after the test.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def kafka_settings(kafka, kafka_log, name_prefix) -> Settings:
         kafka_bootstrap=kafka.bootstrap,
         redis_url="",
         topic_item_events=f"{name_prefix}-item-events",
+        topic_item_backfill=f"{name_prefix}-item-backfill",
         topic_user_events=f"{name_prefix}-user-events",
         topic_item_embeddings=f"{name_prefix}-item-embeddings",
         topic_dead_letter=f"{name_prefix}-dead-letter",
@@ -115,6 +117,16 @@ def make_redis() -> Iterator[Callable[..., LocalRedis]]:
     finally:
         for server in started:
             server.stop()
+
+
+@pytest.fixture
+def private_kafka(kafka) -> Iterator[LocalKafka]:  # `kafka` makes sure the jars are fetched
+    broker = LocalKafka(Settings(), partitions=3)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 def pytest_configure(config):

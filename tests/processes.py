@@ -54,8 +54,8 @@ def kill_survivors(tree: dict[int, int]) -> None:
 def settings_env(settings: Settings, encoder: str, **extra: str) -> dict[str, str]:
     """The environment a service process gets: this test's connections and topics."""
     env = {**os.environ, "TERNREC_ENCODER": encoder, "HF_HUB_OFFLINE": "1", **extra}
-    for name in ("kafka_bootstrap", "redis_url", "max_wait_ms", "topic_item_events", "topic_user_events",
-                 "topic_item_embeddings", "topic_dead_letter"):
+    for name in ("kafka_bootstrap", "redis_url", "max_wait_ms", "topic_item_events", "topic_item_backfill",
+                 "topic_user_events", "topic_item_embeddings", "topic_dead_letter"):
         env[f"TERNREC_{name.upper()}"] = str(getattr(settings, name))
     return env
 

@@ -164,3 +164,30 @@ def test_ensure_topics_is_idempotent(case):
 def test_a_consumer_of_a_missing_topic_fails_clearly(case):
     with pytest.raises(KeyError, match="does not exist"):
         case.log.consumer([f"{case.prefix}-never-created"], case.group())
+
+
+def test_backlog_counts_what_a_group_has_not_committed(case):
+    topic, other = case.topic(3), f"{case.prefix}-other"
+    case.log.ensure_topics({other: 2}, set())
+    group = case.group()
+    produce(case.log, topic, [(f"k{i}", b"x") for i in range(90)])
+    assert case.log.backlog(group, [topic, other]) == {topic: 90, other: 0}  # nothing committed: all of it
+    consumer = case.log.consumer([topic], group)
+    got = read(consumer, 90)
+    consumer.commit(got[:30])
+    done = {}
+    for r in got[:30]:
+        done[r.partition] = max(done.get(r.partition, 0), r.offset + 1)
+    assert case.log.backlog(group, [topic]) == {topic: 90 - sum(done.values())}
+    consumer.commit()
+    assert case.log.backlog(group, [topic]) == {topic: 0}
+
+
+def test_a_send_can_be_waited_for(case):
+    topic = case.topic(1)
+    producer = case.log.producer(linger_ms=0, delivery_timeout_s=5.0)
+    delivery = producer.send(topic, b"v", key="k")
+    delivery.wait(10.0)
+    assert delivery.done() and delivery.error() is None
+    assert [r.value for r in read(case.log.consumer([topic], case.group()), 1)] == [b"v"]
+    producer.close()

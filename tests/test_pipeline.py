@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from encoder.hashing import HashingEncoder
 from ingest.catalog import load_items
+from ingest.replay import replay
 from ingest.schema import parse_event
 from ingest.settings import Settings
 from recommender.runtime import Runtime
@@ -135,10 +136,25 @@ def test_metrics_and_stats_report_what_happened(runtime, client):
     wait_for(lambda: "1" in runtime.index)
     client.post("/events", json=upsert("2", "Emma")).raise_for_status()
     wait_for(lambda: "2" in runtime.index)
+    replay(runtime.event_log, runtime.settings, [parse_event(upsert("3", "Persuasion"))], progress=False)  # bulk
+    wait_for(lambda: "3" in runtime.index)
+    runtime.monitor.check()
     client.get("/items/1/similar")
     text = client.get("/metrics").text
     assert 'ternrec_events_submitted_total{type="item_upsert"} 2.0' in text
-    assert "ternrec_freshness_seconds_count 2.0" in text
+    assert 'ternrec_freshness_seconds_count{lane="live"} 2.0' in text
+    assert 'ternrec_freshness_seconds_count{lane="bulk"} 1.0' in text
+    assert 'ternrec_lane_backlog{lane="live"} 0.0' in text and 'ternrec_lane_backlog{lane="bulk"} 0.0' in text
     stats = client.get("/stats").json()
-    assert stats["freshness_count"] == 2 and stats["freshness_ms"]["p50"] >= 0
+    assert stats["freshness_count"] == 3 and stats["freshness_ms"]["p50"] >= 0
+    assert stats["lanes"]["live"]["freshness_count"] == 2 and stats["lanes"]["bulk"]["freshness_count"] == 1
+    assert stats["lanes"]["live"]["backlog"] == 0 and stats["lanes"]["bulk"]["backlog"] == 0
+    assert {row["lane"] for row in stats["freshness_series"]} == {"live", "bulk"}
     assert stats["query_latency_ms"]["similar"]["count"] == 1
+
+
+def test_health_reports_each_dependency(client):
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and body["redis"] and body["kafka"]
+    assert body["dependencies"]["redis"] == {"ok": True}
+    assert body["dependencies"]["kafka"]["ok"]

@@ -1,8 +1,10 @@
 """The pipeline on a real Kafka broker and a real redis-server, with the worker as a real process.
 
 End to end with the default encoder; fault tests (worker SIGKILLed mid-stream, Redis restarted
-under a running worker, recommender restarted) with the model-free hashing encoder so that the
-many restarts stay cheap and embeddings can be compared bit for bit.
+under a running worker, two workers, recommender restarted) with the model-free hashing encoder so
+that the many restarts stay cheap and embeddings can be compared bit for bit. The fault tests run
+with both lanes active: a backfill streams on the bulk lane while live traffic (new items, and
+newer versions of backfilled ones) arrives on the live lane.
 """
 
 import os
@@ -23,7 +25,7 @@ from fastapi.testclient import TestClient
 from ingest.catalog import load_items
 from ingest.eventlog import EventProducer
 from ingest.replay import Selection, replay, selected_events
-from ingest.schema import ItemDelete
+from ingest.schema import ItemDelete, ItemUpsert
 from ingest.settings import Settings
 from recommender.runtime import Runtime
 from recommender.service import create_app
@@ -46,8 +48,8 @@ def with_topics_and_db(settings: Settings, db: int) -> Settings:
     prefix = uuid.uuid4().hex[:8]
     return settings.model_copy(update={
         "redis_url": settings.redis_url.rsplit("/", 1)[0] + f"/{db}",
-        **{f"topic_{n}": f"{prefix}-{n}" for n in ("item_events", "user_events", "item_embeddings",
-                                                   "dead_letter")}})
+        **{f"topic_{n}": f"{prefix}-{n}" for n in ("item_events", "item_backfill", "user_events",
+                                                   "item_embeddings", "dead_letter")}})
 
 
 class WorkerProcess:
@@ -148,17 +150,62 @@ def test_end_to_end_with_the_default_encoder(settings, worker_factory):
         assert worker.stop() == 0  # SIGTERM drains and exits cleanly
 
 
-def run_clean(settings: Settings, worker_factory, events) -> dict[str, np.ndarray]:
+def live_events(new: int, updated: int) -> list[ItemUpsert]:
+    """`new` items of their own and newer versions of the first `updated` catalog items (made after
+    the backfill's events, so newer by version whichever lane delivers last)."""
+    catalog = load_items()
+    fresh = [ItemUpsert(type="item_upsert", item_id=f"live-{k}", title=f"live book {k}",
+                        text=catalog[k].text + " (live)") for k in range(new)]
+    edits = [ItemUpsert(type="item_upsert", item_id=item.item_id, title=item.title + " (2nd edition)",
+                        text=item.text + " revised") for item in catalog[:updated]]
+    mixed = fresh + edits
+    random.Random(1).shuffle(mixed)
+    return mixed
+
+
+def both_lanes(settings: Settings, backfill: list, live: list, backfill_rate: float, live_rate: float):
+    """Threads streaming `backfill` on the bulk lane and `live` on the live lane at once."""
+    def stream_live():
+        with _kafka_log(settings) as event_log:
+            producer = EventProducer(event_log, settings, lane="live")
+            began = time.perf_counter()
+            for n, event in enumerate(live):
+                time.sleep(max(0.0, n / live_rate - (time.perf_counter() - began)))
+                producer.send(event)
+            producer.flush(timeout=60)
+
+    def stream_backfill():
+        with _kafka_log(settings) as event_log:
+            assert replay(event_log, settings, backfill, rate=backfill_rate, progress=False).failed == 0
+
+    senders = [threading.Thread(target=stream_backfill), threading.Thread(target=stream_live)]
+    for sender in senders:
+        sender.start()
+    return senders
+
+
+def distinct_items(*event_lists) -> set[str]:
+    return {e.item_id for events in event_lists for e in events}
+
+
+def assert_live_versions_won(store: Store, live: list) -> None:
+    edits = {e.item_id: e.title for e in live if not e.item_id.startswith("live-")}
+    assert edits and [m["title"] for m in store.items_metadata(list(edits))] == list(edits.values())
+
+
+def run_clean(settings: Settings, worker_factory, backfill, live) -> dict[str, np.ndarray]:
     worker = worker_factory(settings)
     worker.start()
     store = store_for(settings)
-    producer = EventProducer(_kafka_log(settings), settings)
-    for event in events:
-        producer.send(event)
-    producer.flush()
-    wait_for(lambda: store.item_count() == len(events), what="clean run")
+    for lane, events in (("bulk", backfill), ("live", live)):
+        producer = EventProducer(_kafka_log(settings), settings, lane=lane)
+        for event in events:
+            producer.send(event)
+        producer.flush()
+    items = distinct_items(backfill, live)
+    wait_for(lambda: store.item_count() == len(items), what="clean run")
     worker.stop()
-    return store.item_embeddings([e.item_id for e in events])
+    return store.item_embeddings(sorted(items))
 
 
 def _kafka_log(settings):
@@ -168,42 +215,42 @@ def _kafka_log(settings):
 
 
 def test_worker_killed_at_random_moments_loses_nothing_and_duplicates_nothing(settings, worker_factory):
-    events = item_events(5000)
+    events, live = item_events(5000), live_events(new=300, updated=200)
+    total = len(distinct_items(events, live))  # 5,300
     worker = worker_factory(settings)
     worker.start()
-    event_log = _kafka_log(settings)
-    sender = threading.Thread(target=replay, args=(event_log, settings, events),
-                              kwargs={"rate": 1500, "progress": False})
-    sender.start()
+    senders = both_lanes(settings, events, live, backfill_rate=1500, live_rate=120)
     rng = random.Random(7)
     kills = 0
-    while sender.is_alive() or kills < 3:
+    while any(s.is_alive() for s in senders) or kills < 3:
         time.sleep(rng.uniform(0.3, 1.2))
         worker.kill()
         kills += 1
         worker.start()
-    sender.join()
+    for sender in senders:
+        sender.join()
     store = store_for(settings)
-    wait_for(lambda: store.item_count() == 5000, what="all items after restarts")
+    wait_for(lambda: store.item_count() == total, what="all items after restarts")
     worker.stop()
     assert kills >= 3
-    assert len(stored_item_keys(store)) == 5000
+    assert len(stored_item_keys(store)) == total
+    assert_live_versions_won(store, live)
 
     # The index, bootstrapped from Redis and the item-embeddings log, holds each item once.
     runtime = Runtime(settings, with_workers=False)
     runtime.start()
     try:
         wait_for(lambda: runtime.index_updater.ready.is_set(), what="index caught up")
-        assert len(runtime.index) == 5000 and runtime.index._index.ntotal == 5000
+        assert len(runtime.index) == total and runtime.index._index.ntotal == total
     finally:
         runtime.stop()
 
     # Embeddings equal a clean run's (fresh topics and database, no kills).
     clean_settings = with_topics_and_db(settings, db=1)
     store_for(clean_settings).r.flushdb()
-    clean = run_clean(clean_settings, worker_factory, events)
-    crashed = store.item_embeddings([e.item_id for e in events])
-    assert clean.keys() == crashed.keys() and len(clean) == 5000
+    clean = run_clean(clean_settings, worker_factory, events, live)
+    crashed = store.item_embeddings(sorted(distinct_items(events, live)))
+    assert clean.keys() == crashed.keys() and len(clean) == total
     for item_id, vector in clean.items():
         np.testing.assert_array_equal(crashed[item_id], vector)
 
@@ -233,20 +280,20 @@ def test_redis_restart_under_a_running_worker_loses_nothing(settings, worker_fac
     settings = settings.model_copy(update={"redis_url": redis_server.url})
     worker = worker_factory(settings)
     worker.start()
-    event_log = _kafka_log(settings)
-    events = item_events(3000)
-    sender = threading.Thread(target=replay, args=(event_log, settings, events),
-                              kwargs={"rate": 1000, "progress": False})
-    sender.start()
+    events, live = item_events(3000), live_events(new=150, updated=150)
+    items = distinct_items(events, live)
+    senders = both_lanes(settings, events, live, backfill_rate=1000, live_rate=100)
     store = store_for(settings)
     wait_for(lambda: store.item_count() > 300, what="worker writing")
     redis_server.restart()
-    sender.join()
-    wait_for(lambda: store.item_count() == 3000, what="all items after the Redis restart")
+    for sender in senders:
+        sender.join()
+    wait_for(lambda: store.item_count() == len(items), what="all items after the Redis restart")
     assert worker.proc.poll() is None  # the worker waited and retried; it did not die
     assert worker.stop() == 0
-    assert len(stored_item_keys(store)) == 3000
-    assert set(store.item_embeddings([e.item_id for e in events])) == {e.item_id for e in events}
+    assert len(stored_item_keys(store)) == len(items)
+    assert set(store.item_embeddings(sorted(items))) == items
+    assert_live_versions_won(store, live)
 
 
 
@@ -256,14 +303,17 @@ def test_two_workers_share_the_partitions(settings, worker_factory):
         worker.start()
     for worker in workers:  # both in the group before the stream starts
         wait_for(lambda w=worker: "consuming" in w.log_path.read_text(), what=f"{worker.name} up")
-    event_log = _kafka_log(settings)
-    # Paced over ~8 s so that the group's rebalance settles while items still arrive.
-    replay(event_log, settings, item_events(2000), rate=250, progress=False)
+    # Paced over ~8 s so that the groups' rebalances settle while items still arrive on both lanes.
+    events, live = item_events(2000), live_events(new=200, updated=100)
+    items = distinct_items(events, live)
+    for sender in both_lanes(settings, events, live, backfill_rate=250, live_rate=40):
+        sender.join()
     store = store_for(settings)
-    wait_for(lambda: store.item_count() == 2000, what="2,000 items from two workers")
+    wait_for(lambda: store.item_count() == len(items), what="2,200 items from two workers")
     codes = [w.stop() for w in workers]
     assert codes == [0, 0], "\n".join(w.log_path.read_text()[-2000:] for w in workers)
-    assert len(stored_item_keys(store)) == 2000
+    assert len(stored_item_keys(store)) == len(items)
+    assert_live_versions_won(store, live)
     # Both did some of the work: each logs how many items it encoded when it stops.
     encoded = [int(m) for w in workers for m in re.findall(r"(\d+) items encoded", w.log_path.read_text())]
-    assert len(encoded) == 2 and all(n > 0 for n in encoded) and sum(encoded) >= 2000
+    assert len(encoded) == 2 and all(n > 0 for n in encoded) and sum(encoded) >= len(items)

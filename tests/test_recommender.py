@@ -6,15 +6,21 @@ geometry: a and b point almost the same way, c is orthogonal to both, d is the o
 
 from __future__ import annotations
 
+import time
+
+import fakeredis
 import numpy as np
 import pytest
+import redis
+from fastapi.testclient import TestClient
 
 from ingest.eventlog import EventProducer, ensure_topics
 from ingest.memory_log import InProcessLog
-from ingest.schema import InvalidEvent, ItemUpsert, parse_event
+from ingest.schema import InvalidEvent, ItemChange, ItemUpsert, parse_event
 from ingest.settings import Settings
-from recommender.core import Recommender, UnknownItem
+from recommender.core import LaneMonitor, Recommender, Unavailable, UnknownItem
 from recommender.index import ItemIndex
+from recommender.service import create_app
 from recommender.store import Store, open_redis
 from tests.eventlogs import drain
 
@@ -63,10 +69,25 @@ def test_similar_of_an_unknown_item_raises(parts):
         rec.similar("nope")
 
 
-def test_an_item_deleted_from_the_store_is_never_hydrated(parts):
+def test_similar_items_are_hydrated_from_the_index_without_redis(parts):
     rec, _, _ = parts
-    rec.store.apply_item_events([(parse_event({"type": "item_delete", "item_id": "b", "ts": 30.0}), None)])
-    assert "b" not in {i["item_id"] for i in rec.similar("a", k=4).items}  # still in this index
+    before = rec.similar("a", k=4).items
+    down = fakeredis.FakeServer()
+    down.connected = False
+    rec.store.r = fakeredis.FakeRedis(server=down)  # Redis unreachable from now on
+    assert rec.similar("a", k=4).items == before
+    # A change without metadata (written before metadata travelled with it): that item needs Redis.
+    rec.index.apply([ItemChange("c", 40.0, "x", False, VECTORS["c"])])
+    with pytest.raises(redis.ConnectionError):  # the service answers 503
+        rec.similar("a", k=4)
+
+
+def test_a_deleted_item_leaves_the_answers_when_its_change_reaches_the_index(parts):
+    rec, _, _ = parts
+    (delete,) = rec.store.apply_item_events([(parse_event({"type": "item_delete", "item_id": "b", "ts": 30.0}), None)])
+    rec.index.apply([delete])
+    assert "b" not in {i["item_id"] for i in rec.similar("a", k=4).items}
+    assert rec.index.metadata(["b", "c"]).keys() == {"c"}  # bounded by what is searchable
 
 
 def test_cold_start_is_the_most_popular_unseen_indexed_items(parts):
@@ -126,3 +147,54 @@ def test_submit_rejects_a_bad_event_with_the_reason_and_produces_nothing(parts):
         rec.submit({"type": "item_upsert", "title": "no id"})
     assert drain(event_log.consumer([settings.topic_item_events], "check"), quiet=0.1) == []
     assert "ternrec_events_rejected_total 1.0" in rec.metrics.prometheus_text().decode()
+
+
+class Unreachable(InProcessLog):
+    """An event log whose broker stops answering when `down` is set (the monitor's view of it)."""
+
+    down = False
+
+    def backlog(self, group, topics):
+        if self.down:
+            raise TimeoutError("no answer")
+        return super().backlog(group, topics)
+
+
+def test_health_says_degraded_once_the_broker_has_not_answered_for_stale_s(parts):
+    rec, _, settings = parts
+    event_log = Unreachable()
+    ensure_topics(event_log, settings)
+    rec.monitor = LaneMonitor(event_log, settings, rec.metrics, stale_s=0.05)
+    rec.monitor.check()
+    assert rec.health()["status"] == "ok" and rec.health()["kafka"]
+    event_log.down = True
+    rec.monitor.check()  # the answer of just now still counts ...
+    time.sleep(0.1)
+    health = rec.health()  # ... until stale_s passed without one
+    assert health["status"] == "degraded" and not health["kafka"] and health["redis"]
+    assert "TimeoutError: no answer" in health["dependencies"]["kafka"]["detail"]
+    event_log.down = False
+    rec.monitor.check()
+    assert rec.health()["status"] == "ok"
+
+
+class NeverAcknowledged:
+    """A producer whose broker never answers: every wait runs out."""
+
+    def send(self, topic, value, key=None):
+        return self
+
+    def wait(self, timeout):
+        raise TimeoutError(f"record not acknowledged within {timeout:g} s")
+
+
+def test_an_event_the_broker_did_not_acknowledge_is_refused_with_503_and_retry_after(parts):
+    rec, _, _ = parts
+    rec.producer.producer = NeverAcknowledged()
+    with pytest.raises(Unavailable, match="kafka unavailable: the broker did not acknowledge"):
+        rec.submit({"type": "item_upsert", "item_id": "n", "title": "New"})
+    response = TestClient(create_app(rec)).post("/events", json={"type": "item_upsert", "item_id": "n", "title": "x"})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "2"
+    assert response.json()["detail"].startswith("kafka unavailable: the broker did not acknowledge the event")
+    text = rec.metrics.prometheus_text().decode()
+    assert "ternrec_events_unavailable_total 2.0" in text and "ternrec_events_submitted_total{" not in text

@@ -49,7 +49,7 @@ def read_all(consumer, expected: int, max_empty_polls: int = 50) -> list:
 def event_log_and_settings(request):
     prefix = uuid.uuid4().hex[:8]
     topics = {f"topic_{n}": f"{prefix}-{n.replace('_', '-')}"
-              for n in ("item_events", "user_events", "item_embeddings", "dead_letter")}
+              for n in ("item_events", "item_backfill", "user_events", "item_embeddings", "dead_letter")}
     if request.param == "in-process":
         yield InProcessLog(), Settings(**topics)
         return
@@ -82,12 +82,14 @@ def test_replay_round_trip_with_dead_letters(event_log_and_settings, tmp_path):
     assert (first.sent, first.failed) == (30_000, 0)
     assert (second.skipped, second.sent, second.failed) == (30_000, len(valid) - 30_000, 0)
 
-    consumer = EventConsumer(event_log, settings, [settings.topic_item_events, settings.topic_user_events],
-                             group="readers")
+    consumer = EventConsumer(event_log, settings, [settings.topic_item_events, settings.topic_item_backfill,
+                                                   settings.topic_user_events], group="readers")
     received = read_all(consumer, len(valid) + len(bad) - consumer.dead_lettered)
     consumer.commit()
     consumer.close()
     assert Counter(event.to_json() for _, event in received) == Counter(e.to_json() for e in valid)
+    # A replay is a backfill: its item events travel in the bulk lane.
+    assert {r.topic for r, event in received if event.type == "item_upsert"} == {settings.topic_item_backfill}
     assert consumer.dead_lettered == N_MALFORMED
 
     dead = read_all(event_log.consumer([settings.topic_dead_letter], "dlq-readers"), N_MALFORMED)
@@ -100,3 +102,13 @@ def test_replay_round_trip_with_dead_letters(event_log_and_settings, tmp_path):
         assert sum(1 for letter in letters if reason in letter["reason"]) >= count
     # The original bytes are kept: text as is, anything else base64-encoded.
     assert sum("value_b64" in letter for letter in letters) == N_MALFORMED // 8
+
+
+def test_replay_in_the_live_lane_simulates_live_traffic():
+    event_log, settings = InProcessLog(), Settings()
+    events = selected_events(Selection(limit=20, users=0))
+    assert replay(event_log, settings, events, progress=False, lane="live").sent == 20
+    assert event_log.backlog("nobody", [settings.topic_item_events, settings.topic_item_backfill]) == {
+        settings.topic_item_events: 20, settings.topic_item_backfill: 0}
+    with pytest.raises(ValueError, match="unknown lane 'fast'"):
+        replay(event_log, settings, events, progress=False, lane="fast")

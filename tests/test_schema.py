@@ -2,14 +2,19 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from ingest.schema import (
     Interaction,
     InvalidEvent,
+    ItemChange,
     ItemDelete,
     ItemUpsert,
     Limits,
+    change_from_json,
+    change_to_json,
+    item_metadata,
     parse_event,
     topic_for,
 )
@@ -71,3 +76,27 @@ def test_oversized_event_is_rejected_not_truncated():
     raw = json.dumps({**UPSERT, "text": "x" * 5000})
     with pytest.raises(InvalidEvent, match=r"event is \d+ bytes, over the limit of 1000"):
         parse_event(raw, Limits(max_event_bytes=1000))
+
+
+def test_item_changes_carry_metadata_and_lane_and_old_messages_still_decode():
+    meta = {"title": "Dune", "authors": "Frank Herbert", "year": 1965, "tags": ["sf"], "image_url": ""}
+    change = ItemChange("42", 10.5, "e1", False, np.arange(4, dtype=np.float32), meta, "bulk")
+    back = change_from_json(change_to_json(change))
+    assert (back.item_id, back.ts, back.event_id, back.deleted, back.metadata, back.lane) == \
+        ("42", 10.5, "e1", False, meta, "bulk")
+    np.testing.assert_array_equal(back.embedding, change.embedding)
+    old = change_from_json(b'{"item_id": "7", "ts": 1.0, "event_id": "e", "deleted": true}')
+    assert old.metadata is None and old.lane == "live" and old.embedding is None
+    with pytest.raises(ValueError, match="unknown lane 'fast'"):
+        change_from_json(b'{"item_id": "7", "ts": 1.0, "event_id": "e", "deleted": true, "lane": "fast"}')
+    with pytest.raises(TypeError, match="metadata must be an object"):
+        change_from_json(b'{"item_id": "7", "ts": 1.0, "event_id": "e", "deleted": false, "metadata": [1]}')
+
+
+def test_item_events_go_to_their_lane():
+    settings = Settings()
+    event = parse_event(UPSERT)
+    assert topic_for(event, settings, "bulk") == settings.topic_item_backfill
+    assert topic_for(event, settings) == settings.topic_item_events
+    assert item_metadata(parse_event({**UPSERT, "year": 0})) == {
+        "title": UPSERT["title"], "authors": "", "year": None, "tags": [], "image_url": ""}

@@ -17,7 +17,7 @@ import pytest
 from ingest.eventlog import ensure_topics
 from ingest.kafka_log import KafkaLog
 from ingest.replay import Selection, replay, selected_events
-from ingest.services import LocalKafka, free_port
+from ingest.services import free_port
 from ingest.services.process import signal_group, stop_child
 from ingest.settings import Settings
 from recommender.store import Store, open_redis
@@ -27,14 +27,6 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.integration
 EXIT_WITHIN_S = 10.0
 ITEMS = 200
-
-
-@pytest.fixture
-def private_kafka(kafka):  # `kafka` makes sure the jars are fetched
-    broker = LocalKafka(Settings(), partitions=3)
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 def start_services(env: dict[str, str], log_dir: Path) -> tuple[list[subprocess.Popen], dict[str, Path]]:

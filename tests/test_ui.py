@@ -161,6 +161,8 @@ def test_live_page_shows_throughput_freshness_and_latency_per_stage(app):
     frames = [d.value for d in at.dataframe]
     latency = [f for f in frames if list(f.columns) == ["p50", "p95", "p99"]]
     assert latency and "total" in latency[0].index and "search" in {s for f in latency for s in f.index}
+    (lanes,) = [f for f in frames if "backlog" in f.columns]  # each lane's backlog and freshness
+    assert list(lanes.index) == ["live", "bulk"] and lanes.loc["bulk", "updates"] == ITEMS
 
 
 def test_add_a_book_appears_as_a_neighbour(app):

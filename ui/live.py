@@ -1,4 +1,8 @@
-"""Live: throughput, freshness and query latency of the running service; refreshes by itself."""
+"""Live: throughput, freshness and query latency of the running service; refreshes by itself.
+
+Freshness and backlog are shown per lane of item events: live (POST /events, new items) and bulk
+(replay, backfills), which the encoder workers drain after the live lane.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +56,22 @@ def _seconds_ago(frame: pd.DataFrame, now: float) -> pd.DataFrame:
     return frame.assign(**{"seconds ago": (frame["t"] - now).round(1)}).set_index("seconds ago")
 
 
+def _lanes_table(lanes: dict) -> pd.DataFrame:
+    """One row per lane: its backlog at the encoder workers and its freshness in the window."""
+    rows = {lane: {"backlog": lane_stats.get("backlog"), "updates": lane_stats.get("freshness_count", 0),
+                   "freshness p50": fmt_ms(lane_stats.get("freshness_ms", {}).get("p50")),
+                   "freshness p99": fmt_ms(lane_stats.get("freshness_ms", {}).get("p99"))}
+            for lane, lane_stats in lanes.items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _freshness_lines(series: pd.DataFrame) -> pd.DataFrame:
+    """p50 and p99 per lane and bucket as columns ("live p50", "bulk p99", ...)."""
+    wide = series.pivot_table(index="t", columns="lane", values=["p50", "p99"])
+    wide.columns = [f"{lane} {q}" for q, lane in wide.columns]
+    return wide.reset_index()
+
+
 def _panel() -> None:
     try:
         stats = client().stats(WINDOW_S)
@@ -75,6 +95,10 @@ def _panel() -> None:
                    help="records not yet consumed: "
                    + (", ".join(f"{topic} {n:,}" for topic, n in lags.items()) if lags
                       else "not reported yet"))
+    lanes = stats.get("lanes") or {}
+    if lanes:
+        st.markdown(f"**Lanes** (item events; the encoder workers drain the live lane first; last {WINDOW_S:.0f} s)")
+        st.dataframe(_lanes_table(lanes), width="stretch")
     api_rate = rates["API events"]
     st.caption(f"Service {health.get('status', '?')} · {stats.get('freshness_count', 0):,} index updates in the "
                f"last {WINDOW_S:.0f} s · events via POST /events: "
@@ -82,12 +106,13 @@ def _panel() -> None:
 
     left, right = st.columns(2)
     with left:
-        st.markdown("**Freshness over time** (ms, p50 and p99 per 5-s bucket)")
+        st.markdown("**Freshness over time** (ms, p50 and p99 per lane and 5-s bucket)")
         series = pd.DataFrame(stats.get("freshness_series") or [])
-        if series.empty or "p50" not in series:
+        if series.empty or "p50" not in series or "lane" not in series:
             st.caption("No item updates in the last 5 minutes.")
         else:
-            st.line_chart(_seconds_ago(series, time.time())[["p50", "p99"]], height=220,
+            lines = _freshness_lines(series)
+            st.line_chart(_seconds_ago(lines, time.time()).drop(columns="t"), height=220,
                           x_label="seconds ago", y_label="ms")
     with right:
         st.markdown("**Events/s over time** (this page's samples)")
