@@ -1,0 +1,120 @@
+"""The blended per-user ranking: co-read evidence and content similarity in one score.
+
+Pure functions on plain data, so the service (`Recommender.recommend`) and the offline evaluation
+(bench/recommendation.py) rank with the same code. For a user with recent books R:
+
+- co-read: cf(j) = sum over i in R of c_ij / sqrt(n_i * n_j), the item-item cosine of the
+  co-occurrence counts c_ij (recommender/store.py's co-read model: users who wanted i also wanted j)
+  with n_i the item's distinct users; `because` is the i that contributes most.
+- content: ct(j) = cosine between the user's profile vector and j's embedding.
+- candidates: the `coread_candidates` best by cf and the `content_candidates` best by ct (the
+  FAISS neighbours of the profile); seen books never.
+- score(j) = a_j * cf(j) / max cf + (1 - a_j) * max(ct(j), 0) / max ct, both maxima over the user's
+  candidates, with a_j = coread_weight * n_j / (n_j + support_half): an item with few interactions
+  has little co-read evidence for or against it and is ranked by its text (a new book is at a_j = 0,
+  pure content). `coread_weight` and `support_half` are chosen on a validation split of users
+  disjoint from the test users (bench/recommendation.py; reports/recommendation.json).
+- signal: which part of the score carries the pick: "co-read" or "similar text" when one part is
+  at least twice the other, else "both".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Signal = str  # "co-read" | "similar text" | "both"
+DOMINANT = 2.0  # a part this many times the other names the signal alone
+
+
+@dataclass(frozen=True)
+class BlendParams:
+    coread_weight: float = 0.8
+    support_half: float = 5.0
+    recent_books: int = 20
+    coread_candidates: int = 100
+    content_candidates: int = 100
+
+
+DEFAULT_PARAMS = BlendParams()
+COREAD_ONLY = BlendParams(coread_weight=1.0, support_half=0.0, content_candidates=0)
+
+
+@dataclass(frozen=True)
+class Pick:
+    item_id: str
+    score: float
+    coread: float  # cf(j), unnormalized
+    content: float  # ct(j)
+    because: str | None  # the recent book the co-read evidence came from (None: content only)
+    signal: Signal
+
+
+def coread_scores(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, float]]],
+                  support: Mapping[str, float], exclude: set[str] | frozenset[str] = frozenset(),
+                  ) -> dict[str, tuple[float, str]]:
+    """j -> (cf(j), the recent book contributing most), from each recent book's neighbour list."""
+    total: dict[str, float] = {}
+    best: dict[str, tuple[float, str]] = {}
+    for book, row in zip(recent, neighbours, strict=True):
+        n_book = support.get(book, 0.0)
+        if n_book <= 0:
+            continue
+        for j, count in row:
+            n_j = support.get(j, 0.0)
+            if j in exclude or n_j <= 0:
+                continue
+            part = count / math.sqrt(n_book * n_j)
+            total[j] = total.get(j, 0.0) + part
+            if part > best.get(j, (0.0, ""))[0]:
+                best[j] = (part, book)
+    return {j: (score, best[j][1]) for j, score in total.items()}
+
+
+def blend(coread: Mapping[str, tuple[float, str]], content: Mapping[str, float], support: Mapping[str, float],
+          params: BlendParams, k: int) -> list[Pick]:
+    """The k best candidates by blended score; `content` must hold ct(j) for every candidate."""
+    ids = sorted(set(coread) | set(content))
+    if not ids:
+        return []
+    cf = np.array([coread.get(j, (0.0, ""))[0] for j in ids])
+    ct = np.maximum(np.array([content.get(j, 0.0) for j in ids]), 0.0)
+    n = np.array([support.get(j, 0.0) for j in ids])
+    scores, cf_part, ct_part = blend_scores(cf, ct, n, params)
+    order = np.lexsort((np.arange(len(ids)), -scores))[:k]  # equal scores: by item id
+    picks = []
+    for p in order:
+        j = ids[p]
+        signal = ("co-read" if cf_part[p] >= DOMINANT * ct_part[p] else
+                  "similar text" if ct_part[p] >= DOMINANT * cf_part[p] else "both")
+        because = coread[j][1] if j in coread and signal != "similar text" else None
+        picks.append(Pick(j, float(scores[p]), float(cf[p]), float(content.get(j, 0.0)), because, signal))
+    return picks
+
+
+def blend_scores(cf: np.ndarray, ct: np.ndarray, n: np.ndarray, params: BlendParams,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score, co-read part, content part) per candidate; cf >= 0, ct >= 0, n = interactions."""
+    cf_norm = cf / cf.max() if cf.size and cf.max() > 0 else np.zeros_like(cf)
+    ct_norm = ct / ct.max() if ct.size and ct.max() > 0 else np.zeros_like(ct)
+    a = params.coread_weight * n / (n + params.support_half)
+    cf_part, ct_part = a * cf_norm, (1.0 - a) * ct_norm
+    return cf_part + ct_part, cf_part, ct_part
+
+
+def rank(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, float]]], support: Mapping[str, float],
+         content_hits: Sequence[tuple[str, float]], content_of: Callable[[list[str]], Mapping[str, float]],
+         seen: set[str], params: BlendParams, k: int) -> list[Pick]:
+    """Candidates from both signals, then `blend`. `content_hits` are the profile's best items by
+    content (seen ones excluded); `content_of(ids)` gives ct for co-read candidates outside them."""
+    coread = coread_scores(recent, neighbours, support, exclude=seen)
+    best = sorted(coread, key=lambda j: (-coread[j][0], j))[:params.coread_candidates]
+    coread = {j: coread[j] for j in best}
+    content = dict(content_hits[:params.content_candidates])
+    missing = [j for j in best if j not in content]
+    if missing:
+        content.update(content_of(missing))
+    return blend(coread, content, support, params, k)
