@@ -100,16 +100,20 @@ def blend_scores(cf: np.ndarray, ct: np.ndarray, n: np.ndarray, params: BlendPar
     """(score, co-read part, content part) per candidate; cf >= 0, ct >= 0, n = interactions."""
     cf_norm = cf / cf.max() if cf.size and cf.max() > 0 else np.zeros_like(cf)
     ct_norm = ct / ct.max() if ct.size and ct.max() > 0 else np.zeros_like(ct)
-    a = params.coread_weight * n / (n + params.support_half)
+    # n / (n + support_half), 0 for an item nobody interacted with (also when support_half is 0)
+    support = np.divide(n, n + params.support_half, out=np.zeros_like(n, dtype=float), where=n > 0)
+    a = params.coread_weight * support
     cf_part, ct_part = a * cf_norm, (1.0 - a) * ct_norm
     return cf_part + ct_part, cf_part, ct_part
 
 
-def rank(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, float]]], support: Mapping[str, float],
-         content_hits: Sequence[tuple[str, float]], content_of: Callable[[list[str]], Mapping[str, float]],
-         seen: set[str], params: BlendParams, k: int) -> list[Pick]:
-    """Candidates from both signals, then `blend`. `content_hits` are the profile's best items by
-    content (seen ones excluded); `content_of(ids)` gives ct for co-read candidates outside them."""
+def candidates(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, float]]],
+               support: Mapping[str, float], content_hits: Sequence[tuple[str, float]],
+               content_of: Callable[[list[str]], Mapping[str, float]], seen: set[str], params: BlendParams,
+               ) -> tuple[dict[str, tuple[float, str]], dict[str, float]]:
+    """(co-read candidates with cf and because, ct of every candidate). `content_hits` are the
+    profile's best items by content (seen ones excluded); `content_of(ids)` gives ct for the
+    co-read candidates outside them."""
     coread = coread_scores(recent, neighbours, support, exclude=seen)
     best = sorted(coread, key=lambda j: (-coread[j][0], j))[:params.coread_candidates]
     coread = {j: coread[j] for j in best}
@@ -117,4 +121,12 @@ def rank(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, float]]
     missing = [j for j in best if j not in content]
     if missing:
         content.update(content_of(missing))
+    return coread, content
+
+
+def rank(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, float]]], support: Mapping[str, float],
+         content_hits: Sequence[tuple[str, float]], content_of: Callable[[list[str]], Mapping[str, float]],
+         seen: set[str], params: BlendParams, k: int) -> list[Pick]:
+    """The k best picks for a user: `candidates`, then `blend`."""
+    coread, content = candidates(recent, neighbours, support, content_hits, content_of, seen, params)
     return blend(coread, content, support, params, k)
