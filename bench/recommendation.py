@@ -156,7 +156,6 @@ def user_candidates(store: Store, emb: np.ndarray, items: list[str], pos: dict[s
     """What Recommender.recommend gathers for a user, with an exact numpy search in place of FAISS."""
     profile = store.user_profile(user)
     recent = profile.recent[:params.recent_books]
-    neighbours, support = store.coread_evidence(recent)
     sims = None
     hits: list[tuple[str, float]] = []
     if profile.vector is not None and np.any(profile.vector):
@@ -165,6 +164,7 @@ def user_candidates(store: Store, emb: np.ndarray, items: list[str], pos: dict[s
         masked[[pos[b] for b in profile.seen]] = -np.inf
         top = np.argpartition(-masked, params.content_candidates)[:params.content_candidates]
         hits = sorted(((items[t], float(sims[t])) for t in top), key=lambda h: (-h[1], h[0]))
+    neighbours, support = store.coread_evidence(recent, also_count=[j for j, _ in hits])
 
     def content_of(ids):
         return {} if sims is None else {j: float(sims[pos[j]]) for j in ids}

@@ -88,7 +88,7 @@ def blend(coread: Mapping[str, tuple[float, str]], content: Mapping[str, float],
     picks = []
     for p in order:
         j = ids[p]
-        signal = ("co-read" if cf_part[p] >= DOMINANT * ct_part[p] else
+        signal = ("co-read" if cf_part[p] >= DOMINANT * ct_part[p] and cf_part[p] > 0 else
                   "similar text" if ct_part[p] >= DOMINANT * cf_part[p] else "both")
         because = coread[j][1] if j in coread and signal != "similar text" else None
         picks.append(Pick(j, float(scores[p]), float(cf[p]), float(content.get(j, 0.0)), because, signal))

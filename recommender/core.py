@@ -78,11 +78,11 @@ class Recommender:
             vector = self.index.vector(item_id)
             if vector is None:
                 raise UnknownItem(f"unknown item {item_id!r}")
-            neighbours, support = self.store.coread_evidence([item_id])
         with timer.stage("search"):
             params = self.blend if signal == "blend" else COREAD_ONLY
             hits = self.index.search(vector, params.content_candidates, exclude={item_id}) \
                 if params.content_candidates else []
+            neighbours, support = self.store.coread_evidence([item_id], also_count=[j for j, _ in hits])
             neighbours = [[(j, c) for j, c in row if j in self.index] for row in neighbours]
             picks = rank([item_id], neighbours, support, hits, lambda ids: self._content_of(vector, ids),
                          {item_id}, params, k)
@@ -97,11 +97,12 @@ class Recommender:
         with timer.stage("profile"):
             profile = self.store.user_profile(user_id)
             recent = profile.recent[:self.blend.recent_books]
-            neighbours, support = self.store.coread_evidence(recent)
         with timer.stage("search"):
             query = self._profile_query(profile)
             hits = [] if query is None else self.index.search(query, self.blend.content_candidates,
                                                               exclude=profile.seen)
+        with timer.stage("coread"):
+            neighbours, support = self.store.coread_evidence(recent, also_count=[j for j, _ in hits])
         with timer.stage("blend"):
             # Only searchable books are offered (a co-read neighbour may be deleted or not encoded yet).
             neighbours = [[(j, c) for j, c in row if j in self.index] for row in neighbours]

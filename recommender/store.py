@@ -318,15 +318,16 @@ class Store:
             seen={s.decode() for s in seen}, recent=[r.decode() for r in recent],
             pending={p.decode() for p in pending})
 
-    def coread_evidence(self, recent: list[str], k: int = COREAD_KEEP,
+    def coread_evidence(self, recent: list[str], also_count: Iterable[str] = (), k: int = COREAD_KEEP,
                         ) -> tuple[list[list[tuple[str, float]]], dict[str, float]]:
         """The k strongest co-read neighbours of each recent book, as (neighbour, count), strongest
-        first; and the interaction count of every book named (what blend.coread_scores needs)."""
+        first; and the interaction count of every book named and of `also_count` (the content
+        candidates), absent when 0: what recommender/blend.py needs, in two round trips."""
         pipe = self.r.pipeline(transaction=False)
         for item_id in recent:
             pipe.zrevrange(self._coread(item_id), 0, k - 1, withscores=True)
         neighbours = [[(j.decode(), c) for j, c in row] for row in pipe.execute()] if recent else []
-        named = sorted(set(recent) | {j for row in neighbours for j, _ in row})
+        named = sorted(set(recent) | set(also_count) | {j for row in neighbours for j, _ in row})
         counts = self.r.zmscore(self._popular, named) if named else []
         return neighbours, {i: c for i, c in zip(named, counts, strict=True) if c}
 
