@@ -168,8 +168,7 @@ def user_candidates(store: Store, emb: np.ndarray, items: list[str], pos: dict[s
 
     def content_of(ids):
         return {} if sims is None else {j: float(sims[pos[j]]) for j in ids}
-    coread, content = candidates(recent, neighbours, support, hits, content_of, profile.seen, params)
-    return coread, content, support
+    return candidates(recent, neighbours, support, hits, content_of, profile.seen, params), support
 
 
 def hybrid_ranks(store: Store, emb: np.ndarray, split: Split, users: dict[str, str],
@@ -182,9 +181,9 @@ def hybrid_ranks(store: Store, emb: np.ndarray, split: Split, users: dict[str, s
         by_candidates.setdefault((p.recent_books, p.coread_candidates, p.content_candidates), []).append(p)
     for group in by_candidates.values():
         for n, (user, held) in enumerate(users.items()):
-            coread, content, support = user_candidates(store, emb, split.item_ids, pos, user, group[0])
+            found, support = user_candidates(store, emb, split.item_ids, pos, user, group[0])
             for p in group:
-                picks = [pick.item_id for pick in blend(coread, content, support, p, K)]
+                picks = [pick.item_id for pick in blend(found, support, p, K)]
                 if held in picks:
                     out[p][n] = picks.index(held)
     return out
@@ -312,6 +311,22 @@ def service(split: Split, redis_url: str) -> dict:
                                 "p99": round(float(np.percentile(run["server_ms"], 99)), 2)}}
 
 
+def embedded_latency(split: Split, users: int) -> dict:
+    """1-client latency of the embedded service (fakeredis) holding the first `users` users, as
+    `python -m recommender.demo --users N` does, asked for each of those users once."""
+    from bench.recommendation_service import service_hits
+    from encoder import load_encoder
+    from ingest.settings import Settings
+
+    names = list(split.histories)[:users]
+    bulk = [(u, b) for u in names for b in split.histories[u]]
+    run = service_hits(load_items(), bulk, {}, {u: "" for u in names},
+                       load_encoder(Settings().resolved_encoder))
+    return {"users": users, "requests": len(names), "strategies": run["strategies"],
+            "client_ms": {q: round(float(np.percentile(run["client_ms"], int(q[1:]))), 2) for q in ("p50", "p99")},
+            "server_ms": {q: round(float(np.percentile(run["server_ms"], int(q[1:]))), 2) for q in ("p50", "p99")}}
+
+
 def fmt(m: dict) -> str:
     return f"{m['hitrate@10']:.4f} ± {m['hitrate_se']:.4f} | {m['ndcg@10']:.4f} ± {m['ndcg_se']:.4f}"
 
@@ -347,6 +362,12 @@ def markdown(r: dict) -> str:
               f"Profile updater against a real redis-server: {upd['events']:,} interaction events from the "
               f"in-process log in {upd['seconds']} s, **{upd['events_per_s']:,.0f} events/s** (seen check, recent "
               "list, profile vector, popularity and co-read counts, one transaction per poll of 500)."]
+    if "embedded" in r:
+        e = r["embedded"]
+        lines += ["", f"Embedded service (fakeredis, in-process log, as `python -m recommender.demo --users "
+                  f"{e['users']}`): `GET /users/{{id}}/recommendations?k=10` for each of its {e['requests']} users, "
+                  f"1 client: p50 {e['client_ms']['p50']} ms, p99 **{e['client_ms']['p99']} ms** at the client "
+                  f"(server total p99 {e['server_ms']['p99']} ms)."]
     if "service" in r:
         s = r["service"]
         lines += ["", f"Service latency of `GET /users/{{id}}/recommendations?k=10`, 1 client, {s['users']} requests "
@@ -369,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-users", type=int, default=N_TEST)
     parser.add_argument("--valid-users", type=int, default=N_VALID)
     parser.add_argument("--no-service", action="store_true", help="offline rows only")
+    parser.add_argument("--embedded-users", type=int, default=2000, help="users in the embedded latency run")
     args = parser.parse_args(argv)
     uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     split = make_split(args.test_users, args.valid_users)
@@ -378,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_service:
             result["service"] = service(split, server.url)
             print("service:", result["service"], flush=True)
+    if not args.no_service:
+        result["embedded"] = embedded_latency(split, args.embedded_users)
+        print("embedded:", result["embedded"], flush=True)
     result.update({"command": COMMAND, "test_users": len(split.test), "valid_users": len(split.valid),
                    "load_average_end": os.getloadavg()[0],
                    "uptime": {"start": uptime_start,

@@ -7,7 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from recommender.blend import COREAD_ONLY, BlendParams, blend, blend_scores, candidates, coread_scores, rank
+from recommender.blend import (
+    COREAD_ONLY,
+    BlendParams,
+    Candidates,
+    blend,
+    blend_scores,
+    candidates,
+    coread_scores,
+    rank,
+)
 
 # Co-read counts of the user's two recent books: "a" (40 readers) and "b" (10 readers).
 NEIGHBOURS = {"a": [("x", 20.0), ("y", 4.0), ("seen", 30.0)], "b": [("y", 5.0), ("z", 1.0)]}
@@ -34,38 +43,47 @@ def test_blend_scores_normalize_each_signal_and_shrink_coread_for_thin_support()
     score, cf_part, ct_part = blend_scores(cf, ct, n, params)
     a = 0.8 * n / (n + 10.0)  # 0.72, 0.4, 0
     assert cf_part == pytest.approx(a * cf / 0.5)
-    assert ct_part == pytest.approx((1 - a) * ct / 0.8)
+    assert ct_part == pytest.approx((1 - a) * np.array([0.0, 1 / 3, 1.0]))  # min-max over the candidates
     assert score == pytest.approx(cf_part + ct_part)
     assert score[2] == pytest.approx(1.0)  # no interactions: pure content, at its best
 
 
+def _candidates(coread: dict, content: dict) -> Candidates:
+    order = sorted(content, key=lambda j: -content[j])
+    return Candidates(coread, content, {j: r for r, j in enumerate(order)})
+
+
 def test_blend_orders_by_score_and_says_which_signal_carries_each_pick():
-    coread = {"x": (0.5, "a"), "y": (0.45, "b")}
-    content = {"x": 0.1, "y": 0.7, "t": 0.8}
-    picks = blend(coread, content, {"x": 100.0, "y": 100.0, "t": 100.0}, BlendParams(0.5, 0.0), k=3)
+    found = _candidates({"x": (0.5, "a"), "y": (0.45, "b")}, {"x": 0.1, "y": 0.7, "t": 0.8})
+    picks = blend(found, {"x": 100.0, "y": 100.0, "t": 100.0}, BlendParams(0.5, 0.0), k=3)
     by_id = {p.item_id: p for p in picks}
-    assert [p.item_id for p in picks] == ["y", "x", "t"]  # 0.8875, 0.5625, 0.5
+    # y: 0.5 * 0.9 + 0.5 * 6/7; t: 0.5 * 1 and x: 0.5 * 1 tie, by id.
+    assert [p.item_id for p in picks] == ["y", "t", "x"]
+    assert by_id["y"].score == pytest.approx(0.45 + 0.5 * 6 / 7)
     assert by_id["y"].signal == "both" and by_id["y"].because == "b"
     assert by_id["t"].signal == "similar text" and by_id["t"].because is None
     assert by_id["x"].signal == "co-read" and by_id["x"].because == "a"
     assert by_id["x"].coread == 0.5 and by_id["x"].content == 0.1
-    assert [p.score for p in picks] == sorted((p.score for p in picks), reverse=True)
 
 
 def test_equal_scores_are_ordered_by_item_id():
-    picks = blend({}, {"b": 0.5, "a": 0.5, "c": 0.5}, {}, BlendParams(), k=3)
+    picks = blend(_candidates({}, {"b": 0.5, "a": 0.5, "c": 0.5}), {"a": 1.0, "b": 1.0, "c": 1.0}, BlendParams(), k=3)
     assert [p.item_id for p in picks] == ["a", "b", "c"]
 
 
-def test_a_cold_item_is_ranked_by_its_text_among_warm_items():
-    """A new book (no interactions) keeps the place its content gives it: no co-read evidence
-    pulls it down, and warm books with weak co-read evidence fall below it."""
-    coread = {"warm-strong": (1.0, "a"), "warm-weak": (0.05, "a")}
-    content = {"warm-strong": 0.3, "warm-weak": 0.9, "cold": 0.6}
-    support = {"warm-strong": 50.0, "warm-weak": 50.0, "cold": 0.0}
-    picks = blend(coread, content, support, BlendParams(coread_weight=0.9, support_half=5.0), k=3)
-    assert [p.item_id for p in picks] == ["warm-strong", "cold", "warm-weak"]
-    assert picks[1].signal == "similar text"
+@pytest.mark.parametrize(("cold_content", "expected"), [
+    (0.85, ["warm-strong", "cold", "warm-weak"]),  # second by text: second in the list
+    (0.95, ["cold", "warm-strong", "warm-weak"]),  # first by text: first, whatever the co-read scores
+])
+def test_a_book_nobody_read_keeps_its_place_in_the_content_list(cold_content, expected):
+    found = _candidates({"warm-strong": (1.0, "a"), "warm-weak": (0.05, "a")},
+                        {"warm-strong": 0.3, "warm-weak": 0.9, "cold": cold_content})
+    picks = blend(found, {"warm-strong": 50.0, "warm-weak": 50.0}, BlendParams(coread_weight=0.9, support_half=5.0),
+                  k=3)
+    assert [p.item_id for p in picks] == expected
+    assert {p.item_id: p.signal for p in picks}["cold"] == "similar text"
+    short = blend(found, {"warm-strong": 50.0, "warm-weak": 50.0}, BlendParams(), k=1)
+    assert [p.item_id for p in short] == expected[:1]
 
 
 def test_candidates_come_from_both_signals_and_content_is_filled_in_for_coread_ones():
@@ -76,10 +94,11 @@ def test_candidates_come_from_both_signals_and_content_is_filled_in_for_coread_o
         return {j: 0.1 for j in ids}
 
     params = BlendParams(coread_candidates=2, content_candidates=2)
-    coread, content = candidates(["a", "b"], [NEIGHBOURS["a"], NEIGHBOURS["b"]], SUPPORT,
-                                 [("t", 0.9), ("x", 0.5), ("u", 0.4)], content_of, {"seen"}, params)
-    assert set(coread) == {"y", "x"}  # the two best by co-read (z is third)
-    assert content == {"t": 0.9, "x": 0.5, "y": 0.1}  # u is past the content candidates
+    found = candidates(["a", "b"], [NEIGHBOURS["a"], NEIGHBOURS["b"]], SUPPORT,
+                       [("t", 0.9), ("x", 0.5), ("u", 0.4)], content_of, {"seen"}, params)
+    assert set(found.coread) == {"y", "x"}  # the two best by co-read (z is third)
+    assert found.content == {"t": 0.9, "x": 0.5, "y": 0.1}  # u is past the content candidates
+    assert found.content_rank == {"t": 0, "x": 1}
     assert asked == [["y"]]  # only what the content hits lack
 
 
