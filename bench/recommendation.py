@@ -305,10 +305,7 @@ def service(split: Split, redis_url: str) -> dict:
     ranks = np.array([run["ranks"][u] for u in split.test])
     return {**metrics(ranks), "posted_interactions": run["posted"], "bulk_interactions": len(bulk),
             "strategies": run["strategies"],
-            "latency_ms_1_client": {"p50": round(float(np.percentile(run["client_ms"], 50)), 2),
-                                    "p99": round(float(np.percentile(run["client_ms"], 99)), 2)},
-            "server_total_ms": {"p50": round(float(np.percentile(run["server_ms"], 50)), 2),
-                                "p99": round(float(np.percentile(run["server_ms"], 99)), 2)}}
+            "requests": len(ranks), **latencies(run)}
 
 
 def embedded_latency(split: Split, users: int) -> dict:
@@ -322,9 +319,19 @@ def embedded_latency(split: Split, users: int) -> dict:
     bulk = [(u, b) for u in names for b in split.histories[u]]
     run = service_hits(load_items(), bulk, {}, {u: "" for u in names},
                        load_encoder(Settings().resolved_encoder))
-    return {"users": users, "requests": len(names), "strategies": run["strategies"],
-            "client_ms": {q: round(float(np.percentile(run["client_ms"], int(q[1:]))), 2) for q in ("p50", "p99")},
-            "server_ms": {q: round(float(np.percentile(run["server_ms"], int(q[1:]))), 2) for q in ("p50", "p99")}}
+    return {"users": users, "requests": len(names), "strategies": run["strategies"], **latencies(run)}
+
+
+def latencies(run: dict) -> dict:
+    """p50 / p99 of the client's round trips and of the server's own total, milliseconds."""
+    return {side: {f"p{q}": round(float(np.percentile(run[side], q)), 2) for q in (50, 99)}
+            for side in ("client_ms", "server_ms")}
+
+
+def latency_line(what: str, m: dict) -> str:
+    return (f"{what}: `GET /users/{{id}}/recommendations?k=10`, 1 client, {m['requests']} requests"
+            f": p50 {m['client_ms']['p50']} ms, p99 **{m['client_ms']['p99']} ms** at the client "
+            f"(server total p99 {m['server_ms']['p99']} ms).")
 
 
 def fmt(m: dict) -> str:
@@ -363,17 +370,11 @@ def markdown(r: dict) -> str:
               f"in-process log in {upd['seconds']} s, **{upd['events_per_s']:,.0f} events/s** (seen check, recent "
               "list, profile vector, popularity and co-read counts, one transaction per poll of 500)."]
     if "embedded" in r:
-        e = r["embedded"]
-        lines += ["", f"Embedded service (fakeredis, in-process log, as `python -m recommender.demo --users "
-                  f"{e['users']}`): `GET /users/{{id}}/recommendations?k=10` for each of its {e['requests']} users, "
-                  f"1 client: p50 {e['client_ms']['p50']} ms, p99 **{e['client_ms']['p99']} ms** at the client "
-                  f"(server total p99 {e['server_ms']['p99']} ms)."]
+        lines += ["", latency_line("Embedded service (fakeredis, in-process log, as `python -m recommender.demo "
+                                   f"--users {r['embedded']['users']}`), each of its users once", r["embedded"])]
     if "service" in r:
-        s = r["service"]
-        lines += ["", f"Service latency of `GET /users/{{id}}/recommendations?k=10`, 1 client, {s['users']} requests "
-                  f"(embedded, real Redis): p50 {s['latency_ms_1_client']['p50']} ms, p99 "
-                  f"**{s['latency_ms_1_client']['p99']} ms** at the client (server total p99 "
-                  f"{s['server_total_ms']['p99']} ms)."]
+        lines += ["", latency_line("The service above (in-process log, real redis-server), each test user once",
+                                   r["service"])]
     return "\n".join(lines)
 
 
