@@ -191,8 +191,8 @@ def hybrid_ranks(store: Store, emb: np.ndarray, split: Split, users: dict[str, s
 
 def tune(store: Store, emb: np.ndarray, split: Split) -> tuple[BlendParams, list[dict]]:
     """The blend weights with the best validation HitRate@10 (ties: the smaller co-read weight)."""
-    grid = [replace(DEFAULT_PARAMS, coread_weight=w, support_half=s, recent_books=r)
-            for r in (10, 20) for w in (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0) for s in (0.0, 5.0, 20.0)]
+    grid = [replace(DEFAULT_PARAMS, coread_weight=w, support_half=s, recent_books=r) for r in (10, 20)
+            for w in (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0) for s in (0.0, 2.0, 5.0, 20.0, 50.0)]
     ranks = hybrid_ranks(store, emb, split, split.valid, grid)
     table = [{"recent_books": p.recent_books, "coread_weight": p.coread_weight, "support_half": p.support_half,
               **metrics(r)} for p, r in ranks.items()]
@@ -292,7 +292,7 @@ def offline(split: Split, emb: dict[str, np.ndarray], redis_url: str) -> dict:
                                                                    "cap": COREAD_CAP}}
 
 
-def service(split: Split, redis_url: str) -> dict:
+def service(split: Split, redis_url: str, params: BlendParams) -> dict:
     """The same training data through the embedded service (real Redis by URL), asked over HTTP."""
     from bench.recommendation_service import service_hits
     from encoder import load_encoder
@@ -301,14 +301,14 @@ def service(split: Split, redis_url: str) -> dict:
     test_histories = {u: split.history(u) for u in split.test}
     bulk = split.training(skip_users=split.test)
     run = service_hits(load_items(), bulk, test_histories, split.test,
-                       load_encoder(Settings().resolved_encoder), redis_url=redis_url)
+                       load_encoder(Settings().resolved_encoder), redis_url=redis_url, blend=params)
     ranks = np.array([run["ranks"][u] for u in split.test])
     return {**metrics(ranks), "posted_interactions": run["posted"], "bulk_interactions": len(bulk),
             "strategies": run["strategies"],
             "requests": len(ranks), **latencies(run)}
 
 
-def embedded_latency(split: Split, users: int) -> dict:
+def embedded_latency(split: Split, users: int, params: BlendParams) -> dict:
     """1-client latency of the embedded service (fakeredis) holding the first `users` users, as
     `python -m recommender.demo --users N` does, asked for each of those users once."""
     from bench.recommendation_service import service_hits
@@ -318,7 +318,7 @@ def embedded_latency(split: Split, users: int) -> dict:
     names = list(split.histories)[:users]
     bulk = [(u, b) for u in names for b in split.histories[u]]
     run = service_hits(load_items(), bulk, {}, {u: "" for u in names},
-                       load_encoder(Settings().resolved_encoder))
+                       load_encoder(Settings().resolved_encoder), blend=params)
     return {"users": users, "requests": len(names), "strategies": run["strategies"], **latencies(run)}
 
 
@@ -380,7 +380,6 @@ def markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import os
     import secrets
     import subprocess
 
@@ -393,23 +392,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-service", action="store_true", help="offline rows only")
     parser.add_argument("--embedded-users", type=int, default=2000, help="users in the embedded latency run")
     args = parser.parse_args(argv)
-    uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    def uptime() -> str:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+    def save(result: dict) -> None:  # after each phase: a later failure keeps what was measured
+        result.update({"command": COMMAND, "test_users": len(split.test), "valid_users": len(split.valid),
+                       "uptime": {"start": started, "end": uptime()}})
+        write_json("recommendation", result)
+        update_section("Recommendation quality", markdown(result))
+
+    started = uptime()
     split = make_split(args.test_users, args.valid_users)
     emb = catalog_embeddings()
     with LocalRedis(password=secrets.token_urlsafe(12)) as server:
         result = offline(split, emb, server.url)
+        save(result)
         if not args.no_service:
-            result["service"] = service(split, server.url)
+            result["service"] = service(split, server.url, BlendParams(**result["chosen"]))
             print("service:", result["service"], flush=True)
+            save(result)
     if not args.no_service:
-        result["embedded"] = embedded_latency(split, args.embedded_users)
+        result["embedded"] = embedded_latency(split, args.embedded_users, BlendParams(**result["chosen"]))
         print("embedded:", result["embedded"], flush=True)
-    result.update({"command": COMMAND, "test_users": len(split.test), "valid_users": len(split.valid),
-                   "load_average_end": os.getloadavg()[0],
-                   "uptime": {"start": uptime_start,
-                              "end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}})
-    write_json("recommendation", result)
-    update_section("Recommendation quality", markdown(result))
+        save(result)
     print(markdown(result))
 
 

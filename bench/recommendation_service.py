@@ -24,6 +24,7 @@ from ingest.replay import replay
 from ingest.schema import Interaction
 from ingest.services import free_port
 from ingest.settings import Settings
+from recommender.blend import DEFAULT_PARAMS, BlendParams
 from recommender.demo import start_http
 from recommender.profiles import ProfileUpdater
 from recommender.runtime import Runtime
@@ -66,10 +67,12 @@ def updater_throughput(store: Store, pairs: Sequence[tuple[str, str]], settings:
 
 
 def service_hits(items: Sequence[Item], bulk: Sequence[tuple[str, str]], test_histories: dict[str, list[str]],
-                 held_out: dict[str, str], encoder, redis_url: str = "", timeout: float = 3600) -> dict:
+                 held_out: dict[str, str], encoder, redis_url: str = "", timeout: float = 3600,
+                 blend: BlendParams = DEFAULT_PARAMS) -> dict:
     """Ranks (K when absent) of the held-out books in the service's answers, and the latencies."""
     settings = Settings(kafka_bootstrap="", redis_url=redis_url, http_port=free_port(), max_wait_ms=5)
     runtime = Runtime(settings, with_workers=True, encoder=encoder)
+    runtime.recommender.blend = blend
     runtime.start()
     server = start_http(runtime, settings)
     try:
