@@ -25,9 +25,10 @@ import numpy as np
 from ingest.eventlog import EventLog, EventProducer, Undelivered, worker_group
 from ingest.schema import Event, InvalidEvent, Limits, change_from_json, parse_event
 from ingest.settings import LANES, Settings
+from recommender.blend import COREAD_ONLY, DEFAULT_PARAMS, BlendParams, rank
 from recommender.index import ItemIndex
 from recommender.metrics import Metrics, StageTimer
-from recommender.store import Store
+from recommender.store import Store, UserProfile
 
 log = logging.getLogger("recommender")
 MAX_K = 100
@@ -59,8 +60,10 @@ class Answer:
 
 class Recommender:
     def __init__(self, store: Store, index: ItemIndex, producer: EventProducer, settings: Settings,
-                 metrics: Metrics | None = None, monitor: LaneMonitor | None = None):
-        """`monitor`: what /health reports about the broker (None: an in-process log, always there)."""
+                 metrics: Metrics | None = None, monitor: LaneMonitor | None = None,
+                 blend: BlendParams = DEFAULT_PARAMS):
+        """`monitor`: what /health reports about the broker (None: an in-process log, always there);
+        `blend`: how per-user picks weigh co-read against content (recommender/blend.py)."""
         self.store = store
         self.index = index
         self.producer = producer
@@ -69,6 +72,7 @@ class Recommender:
         self.metrics = metrics or Metrics()
         self.monitor = monitor
         self.started = time.time()
+        self.blend = blend
 
     # -- queries ------------------------------------------------------------------------------
     def similar(self, item_id: str, k: int = 10) -> Answer:
@@ -84,51 +88,97 @@ class Recommender:
             items = self._hydrate(hits)
         return self._answer("similar", items, timer)
 
+    def similar_by(self, item_id: str, k: int = 10, signal: str = "blend") -> Answer:
+        """Similar items by "coread" (the item's co-read neighbours by cosine) or by "blend" (the
+        per-user blend with the item as the only book read); "content" is `similar`."""
+        if signal == "content":
+            return self.similar(item_id, k)
+        timer = StageTimer()
+        with timer.stage("lookup"):
+            vector = self.index.vector(item_id)
+            if vector is None:
+                raise UnknownItem(f"unknown item {item_id!r}")
+        with timer.stage("search"):
+            params = self.blend if signal == "blend" else COREAD_ONLY
+            hits = self.index.search(vector, params.content_candidates, exclude={item_id}) \
+                if params.content_candidates else []
+            neighbours, support = self.store.coread_evidence([item_id], also_count=[j for j, _ in hits])
+            neighbours = [[(j, c) for j, c in row if j in self.index] for row in neighbours]
+            picks = rank([item_id], neighbours, support, hits, lambda ids: self._content_of(vector, ids),
+                         {item_id}, params, k)
+        with timer.stage("hydrate"):
+            items = self._hydrate([(p.item_id, p.score) for p in picks])
+        return self._answer("similar", items, timer, {"signal": signal})
+
     def recommend(self, user_id: str, k: int = 10) -> Answer:
+        """The blend of recommender/blend.py over the user's co-read and content candidates; the
+        popular list while there is nothing to go on. Seen books never appear."""
         timer = StageTimer()
         with timer.stage("profile"):
             profile = self.store.user_profile(user_id)
-        query = profile.vector
+            recent = profile.recent[:self.blend.recent_books]
         with timer.stage("search"):
-            pending = [v for v in (self.index.vector(p) for p in profile.pending) if v is not None]
-            if pending:
-                query = sum(pending, np.zeros_like(pending[0]) if query is None else query)
-            if query is None or not np.any(query):
-                hits = None
-            else:
-                hits = self.index.search(query / np.linalg.norm(query), k, exclude=profile.seen)
-        if hits is None:  # nothing to go on yet: the most popular unseen items
+            query = self._profile_query(profile)
+            hits = [] if query is None else self.index.search(query, self.blend.content_candidates,
+                                                              exclude=profile.seen)
+        with timer.stage("coread"):
+            neighbours, support = self.store.coread_evidence(recent, also_count=[j for j, _ in hits])
+        with timer.stage("blend"):
+            # Only searchable books are offered (a co-read neighbour may be deleted or not encoded yet).
+            neighbours = [[(j, c) for j, c in row if j in self.index] for row in neighbours]
+            picks = rank(recent, neighbours, support, hits, lambda ids: self._content_of(query, ids),
+                         profile.seen, self.blend, k)
+        if not picks:  # nothing to go on yet: the most popular unseen items
             with timer.stage("popular"):
                 # Extra candidates: the most popular books may not all be indexed yet.
-                hits = [(i, s) for i, s in self.store.popular(k + 200, exclude=profile.seen)
-                        if i in self.index][:k]
+                popular = [(i, s) for i, s in self.store.popular(k + 200, exclude=profile.seen)
+                           if i in self.index][:k]
+            with timer.stage("hydrate"):
+                items = self._hydrate(popular)
             strategy = "popular"
         else:
-            strategy = "profile"
             with timer.stage("explain"):
-                because = self._nearest_seen(hits, profile.recent)
-        with timer.stage("hydrate"):
-            items = self._hydrate(hits)
-        if strategy == "profile":
-            reasons = sorted(set(because.values()))  # only the books named, not every recent one
-            titles = dict(zip(reasons, self._titles(reasons), strict=True))
+                nearest = self._nearest_seen([(p.item_id, p.score) for p in picks if p.because is None], recent)
+                because = {p.item_id: (p.because or nearest.get(p.item_id), p.signal) for p in picks}
+            with timer.stage("hydrate"):
+                items = self._hydrate([(p.item_id, p.score) for p in picks])
+                books = sorted({b for b, _ in because.values() if b})  # only the books named
+                titles = dict(zip(books, self._titles(books), strict=True))
             for item in items:
-                reason = because.get(item["item_id"])
-                if reason:
-                    item["because"] = {"item_id": reason, "title": titles.get(reason)}
+                book, signal = because[item["item_id"]]
+                if book:
+                    item["because"] = {"item_id": book, "title": titles.get(book), "signal": signal}
+            strategy = "hybrid"
         return self._answer("recommendations", items, timer,
                             {"user_id": user_id, "strategy": strategy, "cold_start": strategy == "popular",
                              "seen_count": len(profile.seen)})
 
+    def _profile_query(self, profile: UserProfile) -> np.ndarray | None:
+        """The unit profile vector, with the books read before they were encoded folded in."""
+        query = profile.vector
+        pending = [v for v in (self.index.vector(p) for p in profile.pending) if v is not None]
+        if pending:
+            query = sum(pending, np.zeros_like(pending[0]) if query is None else query)
+        if query is None or not np.any(query):
+            return None
+        return query / np.linalg.norm(query)
+
+    def _content_of(self, query: np.ndarray | None, item_ids: list[str]) -> dict[str, float]:
+        if query is None:
+            return {}
+        vectors = {j: v for j in item_ids if (v := self.index.vector(j)) is not None}
+        return {j: float(v @ query) for j, v in vectors.items()}
+
     def _nearest_seen(self, hits: list[tuple[str, float]], recent: list[str]) -> dict[str, str]:
         """For each result, the user's recent book it is closest to: the 'why' of a pick."""
         recent = [r for r in recent if r in self.index][:20]
+        hits = [h for h in hits if h[0] in self.index]
         if not recent or not hits:
             return {}
         seen_vecs = np.stack([self.index.vector(r) for r in recent])
-        hit_vecs = np.stack([self.index.vector(i) for i, _ in hits if i in self.index] or [seen_vecs[0]])
+        hit_vecs = np.stack([self.index.vector(i) for i, _ in hits])
         nearest = (hit_vecs @ seen_vecs.T).argmax(axis=1)
-        return {i: recent[n] for (i, _), n in zip(hits, nearest, strict=False)}
+        return {i: recent[n] for (i, _), n in zip(hits, nearest, strict=True)}
 
     def _titles(self, item_ids: list[str]) -> list[str | None]:
         metadata = self._metadata(item_ids)

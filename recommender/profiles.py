@@ -1,8 +1,10 @@
-"""The profile updater: `user-events` in, each user's seen set, recent items and profile in Redis.
+"""The profile updater: `user-events` in; each user's seen set, recent items and profile, and the
+co-read model (co-occurrence counts with the user's recent books, interactions per item) in Redis.
 
 A consumer group on `user-events` (keyed by user, so one updater owns a user's events). The
-embeddings of the items in a batch are read from Redis in one round trip; `Store` applies each
-interaction once (a redelivered one changes nothing), then offsets are committed.
+embeddings of the items in a batch are read from Redis in one round trip; `Store` applies the
+batch in one transaction, each interaction once (a redelivered one changes nothing), then offsets
+are committed. Cost per event and memory per item: recommender/store.py's docstring.
 """
 
 from __future__ import annotations

@@ -50,8 +50,11 @@ class ErrorBody(BaseModel):
 
 
 class Because(BaseModel):
-    item_id: str
+    item_id: str = Field(description="the user's book the pick came from")
     title: str | None
+    signal: Literal["co-read", "similar text", "both"] = Field(
+        description="co-read: readers of that book also wanted this one; similar text: the pick's "
+                    "text is close to the user's books; both: the two carry the score together")
 
 
 class ResultItem(BaseModel, extra="allow"):
@@ -62,7 +65,7 @@ class ResultItem(BaseModel, extra="allow"):
     year: int | None = None
     tags: list[str] | None = None
     image_url: str | None = None
-    because: Because | None = Field(None, description="the user's book this pick is nearest to")
+    because: Because | None = Field(None, description="why this pick: the user's book and the signal")
 
 
 class Results(BaseModel, extra="allow"):
@@ -72,7 +75,8 @@ class Results(BaseModel, extra="allow"):
 
 class Recommendations(Results):
     user_id: str
-    strategy: Literal["profile", "popular"]
+    strategy: Literal["hybrid", "popular"] = Field(
+        description="hybrid: co-read and content blended (recommender/blend.py); popular: no history yet")
     cold_start: bool
     seen_count: int
 
@@ -142,6 +146,7 @@ def _needs_redis(path: str) -> str:
 
 
 K = Annotated[int, Query(ge=1, le=MAX_K, description=f"how many results, 1 to {MAX_K}")]
+SimilarSignal = Annotated[Literal["content", "coread", "blend"], Query(description="what similar means")]
 Id = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
 
 
@@ -172,12 +177,13 @@ def create_app(recommender: Recommender) -> FastAPI:
 
     @app.get("/items/{item_id}/similar", response_model=Results, operation_id="similar_items",
              responses={**_errors(404, 422), **UNAVAILABLE})
-    def similar(item_id: Id, rec: Core, k: K = 10):
-        """The k items nearest to `item_id` by content (404 if it is not searchable), from this
-        replica's index and metadata (Redis only for items whose metadata the replica lacks).
-        On the thread pool: concurrent searches share one scan of the index."""
+    def similar(item_id: Id, rec: Core, k: K = 10, signal: SimilarSignal = "content"):
+        """The k items nearest to `item_id` (404 if it is not searchable): by content, from this
+        replica's index and metadata (Redis only for items whose metadata the replica lacks); by
+        co-read (readers of it also wanted) or by the blend of the two, both with the co-read counts
+        from Redis. On the thread pool: concurrent content searches share one scan of the index."""
         try:
-            answer = rec.similar(item_id, k)
+            answer = rec.similar_by(item_id, k, signal)
         except UnknownItem as exc:
             raise HTTPException(404, str(exc)) from None
         return Response(json.dumps(answer.to_dict(), allow_nan=False, separators=(",", ":")),

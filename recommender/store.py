@@ -11,6 +11,18 @@ Redis is the online source of truth. Layout (all keys under the configured prefi
 - `user:{id}:profile` hash: vec (float32 bytes), ts (time of the last update).
 - `user:{id}:pending` set of items interacted with before their embedding existed (the query side
                       folds them into the profile from the index).
+- `coread:{id}`       sorted set neighbour id -> how many users interacted with both (the co-read
+                      model, below).
+
+The co-read model: each new interaction (u, i) adds 1 to the pair (i, j) in both `coread:i` and
+`coread:j` for each j of u's COREAD_WINDOW newest books, and 1 to `popular[i]` (n_i, the item's
+distinct users, which the cosine c_ij / sqrt(n_i n_j) of recommender/blend.py divides by). Memory is
+bounded per item: when a list grows past COREAD_CAP neighbours it is cut back to its COREAD_KEEP
+strongest (lowest counts go first; equal counts by id), so an item costs at most COREAD_CAP
+entries (~20 bytes each in Redis' listpack encoding, which holds below 128 entries: measured in
+BENCHMARKS.md, "Recommendation quality") and a new pair survives at least until
+COREAD_CAP - COREAD_KEEP other new neighbours arrive. An event costs 2 * min(window, books read)
+ZINCRBYs and as many ZCARDs, in one Lua script queued in the batch's transaction.
 
 Writes are idempotent and ordered by version = (ts, event_id): an event older than the stored one
 is skipped, the same event again rewrites the same values. A batch of item writes is one Lua script
@@ -37,6 +49,23 @@ from ingest.schema import Interaction, ItemChange, ItemDelete, ItemUpsert, item_
 from recommender.stopping import StopRequested
 
 RECENT_ITEMS = 50
+COREAD_WINDOW = 50  # each new book is paired with the user's newest books, at most this many
+COREAD_KEEP = 50  # neighbours kept per item after a prune (and read per recent book at query time)
+COREAD_CAP = 100  # a neighbour list is pruned when it grows past this (stays a compact listpack)
+
+# KEYS: coread:{item}, then coread:{j} per window book; ARGV: keep, cap, item, then the window books.
+COREAD_SCRIPT = """
+local keep, cap, item = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+for n = 2, #KEYS do
+  redis.call('ZINCRBY', KEYS[1], 1, ARGV[n + 2])
+  redis.call('ZINCRBY', KEYS[n], 1, item)
+end
+for n = 1, #KEYS do
+  local size = redis.call('ZCARD', KEYS[n])
+  if size > cap then redis.call('ZREMRANGEBYRANK', KEYS[n], 0, size - keep - 1) end
+end
+return #KEYS - 1
+"""
 PROFILE_HALF_LIFE_S = 7 * 24 * 3600.0  # interests fade over weeks, not minutes
 METADATA_FIELDS = ("title", "authors", "year", "tags", "image_url")
 
@@ -114,11 +143,25 @@ def _metadata(values: list[bytes | None]) -> dict:
             "tags": json.loads(tags or b"[]"), "image_url": (image_url or b"").decode()}
 
 
+def _decayed_sum(vec: np.ndarray | None, ts: float | None, emb: np.ndarray, now: float,
+                 ) -> tuple[np.ndarray, float]:
+    """The profile sum with `emb` added at time `now`, and the profile's new time."""
+    emb = np.asarray(emb, dtype=np.float32)
+    if vec is None:
+        return emb.copy(), now
+    last = max(ts, now)
+    # Decay whichever side is older, so an out-of-order interaction weighs less.
+    old_w = math.exp(-(last - ts) * math.log(2) / PROFILE_HALF_LIFE_S)
+    new_w = math.exp(-(last - now) * math.log(2) / PROFILE_HALF_LIFE_S)
+    return (vec * old_w + emb * new_w).astype(np.float32), last
+
+
 class Store:
     def __init__(self, client: redis.Redis, prefix: str = "ternrec:"):
         self.r = client
         self.p = prefix
         self._write_items = client.register_script(ITEM_WRITE_LUA)  # EVALSHA, loaded again after a restart
+        self._coread_script = client.register_script(COREAD_SCRIPT)
 
     # -- keys ---------------------------------------------------------------------------------
     def _item(self, item_id: str) -> str:
@@ -126,6 +169,9 @@ class Store:
 
     def _user(self, user_id: str, what: str) -> str:
         return f"{self.p}user:{user_id}:{what}"
+
+    def _coread(self, item_id: str) -> str:
+        return f"{self.p}coread:{item_id}"
 
     @property
     def _items(self) -> str:
@@ -211,55 +257,88 @@ class Store:
                                      np.frombuffer(emb, dtype=np.float32),
                                      _metadata(meta) if meta[0] is not None else None)
 
-    # -- users --------------------------------------------------------------------------------
+    # -- users and the co-read model -----------------------------------------------------------
     def apply_interactions(self, interactions: Iterable[Interaction],
                            embeddings: dict[str, np.ndarray]) -> int:
         """Records interactions; returns how many were new (a repeated one changes nothing).
 
+        A batch is one optimistic transaction: WATCH the seen sets of its users, read their state
+        in one round trip, decide in Python which interactions are new (in order, so a book read
+        twice in one batch counts once), then one MULTI/EXEC writes everything. Every write to a
+        user's keys adds to their seen set in the same transaction, so watching the seen sets is
+        enough: a concurrent writer (a rebalance handing the partition over) makes EXEC fail and
+        the batch is re-read, never applied twice.
+
         The profile vector is a time-decayed sum of the embeddings of the user's distinct items
         (half-life PROFILE_HALF_LIFE_S), so recent interests count more, an update is O(dim) with no
         history re-read, and its direction (what the index is searched with) is the decayed mean.
+        Each new interaction also updates the co-read model (see COREAD_SCRIPT).
         """
-        new = 0
-        for event in interactions:
-            new += self._apply_interaction(event, embeddings.get(event.item_id))
-        return new
-
-    def _apply_interaction(self, event: Interaction, emb: np.ndarray | None) -> int:
-        seen, recent, profile, pending = (self._user(event.user_id, w)
-                                          for w in ("seen", "recent", "profile", "pending"))
+        events = list(interactions)
+        if not events:
+            return 0
+        users = sorted({e.user_id for e in events})
         while True:
             with self.r.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(seen, profile)
-                    if pipe.sismember(seen, event.item_id):
-                        return 0  # at-least-once delivery: this interaction is already counted
-                    vec, ts = pipe.hmget(profile, "vec", "ts")
+                    pipe.watch(*(self._user(u, "seen") for u in users))
+                    state = self._users_state(users, events)
                     pipe.multi()
-                    pipe.sadd(seen, event.item_id)
-                    pipe.lpush(recent, event.item_id)
-                    pipe.ltrim(recent, 0, RECENT_ITEMS - 1)
-                    pipe.zincrby(self._popular, 1, event.item_id)
-                    if emb is not None:
-                        pipe.hset(profile, mapping=self._updated_profile(vec, ts, emb, event.ts))
-                    else:  # the item is not encoded yet (events raced): fold it in at query time
-                        pipe.sadd(pending, event.item_id)
+                    new = self._queue_interactions(pipe, events, state, embeddings)
                     pipe.execute()
-                    return 1
+                    return new
                 except redis.WatchError:
-                    continue
+                    continue  # another writer touched one of these users: re-read and retry
 
-    @staticmethod
-    def _updated_profile(vec: bytes | None, ts: bytes | None, emb: np.ndarray, now: float) -> dict:
-        total = np.asarray(emb, dtype=np.float32).copy()
-        last = now
-        if vec is not None:
-            last = max(float(ts), now)
-            # Decay whichever side is older, so an out-of-order interaction weighs less.
-            old_w = math.exp(-(last - float(ts)) * math.log(2) / PROFILE_HALF_LIFE_S)
-            new_w = math.exp(-(last - now) * math.log(2) / PROFILE_HALF_LIFE_S)
-            total = np.frombuffer(vec, dtype=np.float32) * old_w + total * new_w
-        return {"vec": total.astype(np.float32).tobytes(), "ts": repr(last)}
+    def _users_state(self, users: list[str], events: list[Interaction]) -> dict[str, dict]:
+        """Per user: which of the batch's items were seen before, recent items, stored profile."""
+        items_of: dict[str, list[str]] = {}
+        for e in events:
+            items_of.setdefault(e.user_id, []).append(e.item_id)
+        read = self.r.pipeline(transaction=False)
+        for user in users:
+            read.smismember(self._user(user, "seen"), items_of[user])
+            read.lrange(self._user(user, "recent"), 0, RECENT_ITEMS - 1)
+            read.hmget(self._user(user, "profile"), "vec", "ts")
+        replies = iter(read.execute())
+        state = {}
+        for user in users:
+            flags, recent, (vec, ts) = next(replies), next(replies), next(replies)
+            state[user] = {"seen": {i for i, f in zip(items_of[user], flags, strict=True) if f},
+                           "recent": [r.decode() for r in recent],
+                           "vec": None if vec is None else np.frombuffer(vec, dtype=np.float32),
+                           "ts": None if ts is None else float(ts), "profile_changed": False}
+        return state
+
+    def _queue_interactions(self, pipe, events: list[Interaction], state: dict[str, dict],
+                            embeddings: dict[str, np.ndarray]) -> int:
+        new = 0
+        for event in events:
+            user = state[event.user_id]
+            if event.item_id in user["seen"]:
+                continue  # at-least-once delivery: this interaction is already counted
+            new += 1
+            user["seen"].add(event.item_id)
+            window = user["recent"][:COREAD_WINDOW]  # recent is a subset of seen: never this item
+            user["recent"] = [event.item_id, *user["recent"]][:RECENT_ITEMS]
+            pipe.sadd(self._user(event.user_id, "seen"), event.item_id)
+            pipe.lpush(self._user(event.user_id, "recent"), event.item_id)
+            pipe.zincrby(self._popular, 1, event.item_id)
+            if window:
+                self._coread_script(keys=[self._coread(event.item_id), *map(self._coread, window)],
+                                    args=[COREAD_KEEP, COREAD_CAP, event.item_id, *window], client=pipe)
+            emb = embeddings.get(event.item_id)
+            if emb is not None:
+                user["vec"], user["ts"] = _decayed_sum(user["vec"], user["ts"], emb, event.ts)
+                user["profile_changed"] = True
+            else:  # the item is not encoded yet (events raced): fold it in at query time
+                pipe.sadd(self._user(event.user_id, "pending"), event.item_id)
+        for user_id, user in state.items():
+            pipe.ltrim(self._user(user_id, "recent"), 0, RECENT_ITEMS - 1)
+            if user["profile_changed"]:
+                pipe.hset(self._user(user_id, "profile"),
+                          mapping={"vec": user["vec"].tobytes(), "ts": repr(user["ts"])})
+        return new
 
     def user_profile(self, user_id: str) -> UserProfile:
         pipe = self.r.pipeline(transaction=False)
@@ -272,6 +351,19 @@ class Store:
             vector=None if vec is None else np.frombuffer(vec, dtype=np.float32),
             seen={s.decode() for s in seen}, recent=[r.decode() for r in recent],
             pending={p.decode() for p in pending})
+
+    def coread_evidence(self, recent: list[str], also_count: Iterable[str] = (), k: int = COREAD_KEEP,
+                        ) -> tuple[list[list[tuple[str, float]]], dict[str, float]]:
+        """The k strongest co-read neighbours of each recent book, as (neighbour, count), strongest
+        first; and the interaction count of every book named and of `also_count` (the content
+        candidates), absent when 0: what recommender/blend.py needs, in two round trips."""
+        pipe = self.r.pipeline(transaction=False)
+        for item_id in recent:
+            pipe.zrevrange(self._coread(item_id), 0, k - 1, withscores=True)
+        neighbours = [[(j.decode(), c) for j, c in row] for row in pipe.execute()] if recent else []
+        named = sorted(set(recent) | set(also_count) | {j for row in neighbours for j, _ in row})
+        counts = self.r.zmscore(self._popular, named) if named else []
+        return neighbours, {i: c for i, c in zip(named, counts, strict=True) if c}
 
     def popular(self, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
         """The most interacted-with live items (cold start)."""

@@ -89,7 +89,7 @@ def test_user_recommendations_exclude_seen_items_and_cold_start_is_labelled(runt
     client.post("/events", json={"type": "interaction", "user_id": "u2", "item_id": "5", "kind": "read"})
     wait_for(lambda: len(runtime.store.user_profile("u1").seen) == 20, what="profile updated")
     body = client.get("/users/u1/recommendations", params={"k": 50}).json()
-    assert body["strategy"] == "profile" and not body["cold_start"]
+    assert body["strategy"] == "hybrid" and not body["cold_start"]
     got = {i["item_id"] for i in body["items"]}
     assert len(got) == 50 and not got & set(seen)
     assert all(i["because"]["item_id"] in seen for i in body["items"])

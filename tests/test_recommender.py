@@ -108,15 +108,33 @@ def test_cold_start_is_the_most_popular_unseen_indexed_items(parts):
     assert [i["item_id"] for i in answer.items] == ["c", "e"]
 
 
-def test_profile_picks_exclude_what_was_seen_and_say_why(parts):
+def test_content_picks_exclude_what_was_seen_and_say_why(parts):
     rec, _, _ = parts
     rec.store.apply_interactions([read("u", "a")], {"a": VECTORS["a"]})
     answer = rec.recommend("u", k=10)
-    assert answer.extra["strategy"] == "profile" and not answer.extra["cold_start"]
+    assert answer.extra["strategy"] == "hybrid" and not answer.extra["cold_start"]
     ids = [i["item_id"] for i in answer.items]
     assert ids[0] == "b" and "a" not in ids and len(ids) == 4
-    assert answer.items[0]["because"] == {"item_id": "a", "title": "Dune"}
-    assert set(answer.latency_ms) >= {"profile", "search", "explain", "hydrate", "total"}
+    assert answer.items[0]["because"] == {"item_id": "a", "title": "Dune", "signal": "similar text"}
+    assert set(answer.latency_ms) >= {"profile", "search", "blend", "explain", "hydrate", "total"}
+
+
+def test_coread_lifts_what_readers_of_the_same_book_wanted_and_names_that_book(parts):
+    rec, _, _ = parts
+    # Readers of Dune (a) also wanted Beloved (e), whose text is orthogonal to Dune's; Dune Messiah (b)
+    # is as widely read, by other readers: enough support that its missing co-reads count against it.
+    others = [read(f"r{n}", i) for n in range(30) for i in ("a", "e")] + [read(f"s{n}", "b") for n in range(30)]
+    rec.store.apply_interactions(others + [read("u", "a")], {i: VECTORS[i] for i in VECTORS})
+    answer = rec.recommend("u", k=3)
+    top = answer.items[0]
+    assert top["item_id"] == "e"
+    assert top["because"] == {"item_id": "a", "title": "Dune", "signal": "co-read"}
+    # Emma (c), read by nobody, keeps its place in the content list (second, after b); b comes third.
+    assert [i["item_id"] for i in answer.items[1:]] == ["c", "b"]
+    assert all(i["because"]["signal"] == "similar text" for i in answer.items[1:])
+    similar = rec.similar_by("a", k=1, signal="coread")
+    assert [i["item_id"] for i in similar.items] == ["e"] and similar.extra["signal"] == "coread"
+    assert [i["item_id"] for i in rec.similar_by("a", k=1, signal="content").items] == ["b"]
 
 
 def test_items_read_before_they_were_encoded_count_once_indexed(parts):
@@ -125,7 +143,7 @@ def test_items_read_before_they_were_encoded_count_once_indexed(parts):
     profile = rec.store.user_profile("u")
     assert profile.vector is None and profile.pending == {"e"}
     answer = rec.recommend("u", k=2)  # e is in the index now: folded into the query
-    assert answer.extra["strategy"] == "profile" and "e" not in {i["item_id"] for i in answer.items}
+    assert answer.extra["strategy"] == "hybrid" and "e" not in {i["item_id"] for i in answer.items}
 
 
 def test_submit_fills_id_and_time_and_produces_to_the_topic_of_the_event(parts):

@@ -12,6 +12,10 @@ from ui.common import DEFAULT_USER, book_line, client, fmt_ms, latency_line, sea
 K = 10
 GROWING_WINDOW_S = 30.0
 WAIT_FOR_UPDATE_S = 2.0  # how long a click waits for the profile updater before showing the list anyway
+# What carried each pick (the `because.signal` of recommender/blend.py).
+SIGNALS = {"co-read": ":material/group: readers of it also wanted this",
+           "similar text": ":material/article: similar text",
+           "both": ":material/join: co-read and similar text"}
 
 
 def _timed(call, *args, **kwargs) -> tuple[dict, float]:
@@ -66,7 +70,8 @@ def _result_card(rank: int, item: dict, user_id: str | None, popular: bool = Fal
             details = [book_line(item), tags_line(item)]
             because = item.get("because")
             if because and because.get("title"):
-                details.append(f"because you read *{because['title']}*")
+                signal = SIGNALS.get(because.get("signal"), "")
+                details.append(f"because you read *{because['title']}*" + (f" · {signal}" if signal else ""))
             # A cold-start list is ranked by popularity (a count), not by similarity.
             score = f"popularity {item['score']:,.0f}" if popular else f"score {item['score']:.3f}"
             st.markdown(f"**{rank + 1}. {item['title']}** · {score}  \n"
@@ -104,7 +109,8 @@ def _user_recommendations(user_id: str) -> bool:
                 "(cold start). Mark a book as want-to-read to start a profile.")
     else:
         st.caption(f"Profile of user **{user_id}**: {answer.get('seen_count', 0)} books read. "
-                   "Each pick says which of their books it is closest to.")
+                   "Hybrid picks: what readers of their books also wanted, blended with books whose text "
+                   "is close to theirs; each pick names the book it came from and the signal.")
     total = answer.get("latency_ms", {}).get("total")
     with st.container(key="latency-rec"):
         figure, stages = st.columns([1, 3], vertical_alignment="center")
