@@ -1,27 +1,32 @@
-# ternrec application image: encoder worker, recommender, UI and replay (docker-compose.yml picks the command).
-# CPU-only: torch comes from PyTorch's CPU wheel index, so no CUDA libraries are pulled in.
+# ternrec application image: worker, recommender, UI and replay (docker-compose.yml picks the command).
+# The serving install (`pip install .`, the core dependencies of pyproject.toml) from the ordinary
+# package index; no apt-get and no other index, so the build also runs offline from a wheelhouse
+# (make compose-check: PIP_NO_INDEX=1 PIP_FIND_LINKS=<local wheelhouse>).
+# Base images are build arguments: the official Python images by default; PYTHON_BUILD_IMAGE
+# must carry a C compiler (the native kernel is compiled) and put python3 where PYTHON_IMAGE does.
+ARG PYTHON_BUILD_IMAGE=python:3.11
+ARG PYTHON_IMAGE=python:3.11-slim
 
-FROM python:3.11-slim AS build
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends build-essential \
- && rm -rf /var/lib/apt/lists/*
+FROM ${PYTHON_BUILD_IMAGE} AS build
+ARG PIP_NO_INDEX=0
+ARG PIP_FIND_LINKS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
-RUN python -m venv /opt/venv
-# The CPU build of the pinned torch first: `pip install .` then finds its pin satisfied.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.15.0
+RUN python3 -m venv /opt/venv
 WORKDIR /app
+# Dependencies first, in their own layer: a code change does not reinstall them.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
 COPY . .
-# The package and its pinned dependencies, with the native kernel compiled. The services run from /app
-# (the bundled model and data are found beside the code), so the built kernel is copied there too.
-RUN pip install . \
+# The package with its native kernel compiled. The services run from /app (the bundled model and
+# data are found beside the code), so the built kernel is copied there too.
+RUN pip install --no-deps . \
  && cd / && python -c "import shutil, encoder.kernel._tq2k as m; shutil.copy(m.__file__, '/app/encoder/kernel/')" \
  && cd /app && python -c "import encoder.kernel as k; k._lib()"
 
-FROM python:3.11-slim
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libgomp1 \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --create-home --uid 10001 ternrec \
+FROM ${PYTHON_IMAGE}
+RUN useradd --create-home --uid 10001 ternrec \
  && mkdir -p /home/ternrec/.cache/ternrec/replay \
  && chown -R ternrec:ternrec /home/ternrec/.cache
 COPY --from=build /opt/venv /opt/venv
