@@ -44,7 +44,7 @@ class Flavour:
 FLAVOURS = (
     Flavour("python-build", "PYTHON_BUILD_IMAGE",
             ("python3", "python3-venv", "python3-dev", "gcc", "libc6-dev"), "python"),
-    Flavour("python", "PYTHON_IMAGE", ("python3",), "python"),
+    Flavour("python", "PYTHON_IMAGE", ("python3", "python3-venv"), "python"),
     Flavour("kafka", "KAFKA_IMAGE", ("openjdk-17-jre-headless",), "kafka"),
     Flavour("redis", "REDIS_IMAGE", ("redis-server",), "redis"),
 )

@@ -164,6 +164,7 @@ class Stack:
         self.merge_files()
         began = time.monotonic()
         self.compose("build", "worker", timeout=3600)
+        self.engine.docker("image", "prune", "-f")  # layers of earlier builds: disk, not cache
         size = self.engine.image_size("ternrec:latest") / 1e6
         self.figures["app image"] = f"{size:.0f} MB"
         return f"ternrec:latest built in {time.monotonic() - began:.0f} s, {size:.0f} MB"

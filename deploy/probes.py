@@ -6,6 +6,7 @@ All of them only read: nothing here changes the stack.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import threading
@@ -199,10 +200,9 @@ def listening_addresses() -> set[str]:
 
 
 def _decode_address(hex_address: str, width: int) -> str:
+    """/proc/net/tcp{,6} notation (little-endian words) to text; IPv4-mapped IPv6 as plain IPv4."""
     raw = bytes.fromhex(hex_address)
     if width == 8:
-        return ".".join(str(b) for b in reversed(raw))
-    import ipaddress
-
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # four little-endian words
-    return str(ipaddress.IPv6Address(words))
+        return str(ipaddress.IPv4Address(raw[::-1]))
+    address = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return str(address.ipv4_mapped or address)

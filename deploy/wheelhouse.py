@@ -5,8 +5,10 @@ Dockerfile installs: the core dependencies of pyproject.toml and its build requi
 native kernel is compiled in the image, under build isolation). Markers are evaluated by the
 interpreter pip runs on, so it runs once with ours and once with Debian's python3 (what the local
 Python images carry: e.g. 3.11.2 needs async-timeout for redis, 3.11.7 does not). The result is
-cached under ~/.cache/ternrec/wheels/<hash of that list>. `serve` publishes it on 127.0.0.1 for the image
-build (PIP_NO_INDEX=1 PIP_FIND_LINKS=http://127.0.0.1:PORT/), which reaches nothing else.
+cached under ~/.cache/ternrec/wheels/<hash of that list>. `serve` publishes it on 127.0.0.1:PORT for the image
+build (PIP_NO_INDEX=1 PIP_FIND_LINKS=http://127.0.0.1:PORT/), which reaches nothing else. The
+port is fixed (the check's network namespace is its own, so it is free): a build argument that
+changed from run to run would invalidate Docker's layer cache.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WHEELS = Path.home() / ".cache" / "ternrec" / "wheels"
 STAMP = ".complete"
+PORT = 3141
 
 
 def requirements() -> list[str]:
@@ -80,10 +83,10 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(directory: Path) -> Iterator[str]:
+def serve(directory: Path, port: int = PORT) -> Iterator[str]:
     """The directory as a pip find-links page on 127.0.0.1 while the block runs; yields its URL."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
         thread = threading.Thread(target=server.serve_forever, name="wheelhouse", daemon=True)
         thread.start()
         try:

@@ -12,6 +12,7 @@ import importlib.util
 import io
 import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
@@ -205,7 +206,7 @@ def test_dockerfile_and_env_file(compose):
         assert build_args == {k: args[k] for k in ("PYTHON_BUILD_IMAGE", "PYTHON_IMAGE")}
     # Only the ordinary index (or the wheelhouse the check passes): no apt, no other index, no torch pin.
     assert "apt-get install" not in dockerfile and "--index-url" not in dockerfile and "torch" not in dockerfile
-    assert "pip install --no-deps ." in dockerfile
+    assert "pip wheel --no-deps" in dockerfile and "pip install -r" in dockerfile
     assert ".env" in (REPO / ".dockerignore").read_text().split()  # no secrets in the image
     required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE_TEXT))
     assert required <= {k for k, v in ENV_EXAMPLE.items() if v}, "every required variable has an example"
@@ -291,3 +292,15 @@ def test_start_order_is_read_from_the_events():
                       (4, "die", "topic-init", 0), (6, "start", "worker", None))
     with pytest.raises(CheckFailed, match="before topic-init"):
         verify_start_order(early, depends_on, since=0)
+
+
+def test_listening_addresses_are_decoded_from_proc():
+    from deploy.probes import _decode_address, listening_addresses
+
+    assert _decode_address("0100007F", 8) == "127.0.0.1"
+    assert _decode_address("0000000000000000FFFF00000100007F", 32) == "127.0.0.1"  # IPv4-mapped, as Java binds
+    assert _decode_address("00000000000000000000000001000000", 32) == "::1"
+    with socket.socket() as listener:  # a real one, seen by the same reader the check uses
+        listener.bind(("127.0.0.2", 0))
+        listener.listen()
+        assert "127.0.0.2" in listening_addresses()
