@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,33 +29,17 @@ import httpx
 import numpy as np
 
 from bench.report import update_section, write_json
-from encoder.loading import load_encoder, resolve_encoder_spec
+from encoder import Encoder, load_encoder
 from ingest.catalog import load_items
 from ingest.eventlog import EventProducer
 from ingest.kafka_log import KafkaLog
 from ingest.replay import Selection, replay, selected_events
 from ingest.schema import ItemUpsert
 from ingest.services import LocalKafka, LocalRedis, free_port
-from ingest.settings import Settings
+from ingest.services.process import process_tree, spawn_child, stop_child
+from ingest.settings import REPO_ROOT, Settings
 
-REPO = Path(__file__).resolve().parent.parent
 COMMAND = "python -m bench.pipeline"
-
-
-def process_tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
 
 
 def rss_mib(pid: int) -> dict[str, float]:
@@ -97,8 +80,7 @@ class Service:
         return self.http.get(f"/items/{item_id}/similar", params={"k": 1}).status_code == 200
 
 
-def encoder_throughput(spec: str, texts: list[str], batch: int) -> float:
-    encoder = load_encoder(spec)
+def encoder_throughput(encoder: Encoder, texts: list[str], batch: int) -> float:
     encoder.encode(texts[:batch], batch_size=batch)  # warm-up
     began = time.perf_counter()
     for start in range(0, len(texts), batch):
@@ -182,18 +164,9 @@ def wrk(url: str, paths: list[str], connections: int, seconds: int, scripts: Pat
             "non_2xx": int(errors[1]) if errors else 0}
 
 
-def spawn(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+def spawn(argv: list[str], env: dict, log: Path):
+    with open(log, "wb") as out:
+        return spawn_child(argv, cwd=REPO_ROOT, env=env, stdout=out)
 
 
 def markdown(r: dict) -> str:
@@ -233,12 +206,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--query-seconds", type=int, default=10)
     parser.add_argument("--http-workers", type=int, default=2, help="recommender replicas (processes)")
     args = parser.parse_args(argv)
-    spec = resolve_encoder_spec(args.encoder)
-    settings = Settings()
+    settings = Settings(encoder=args.encoder)
+    spec = settings.resolved_encoder
     load_at_start = os.getloadavg()[0]
     texts = [item.text for item in load_items()[:2000]]
-    print(f"encoder {spec}: measuring its own throughput ...", flush=True)
-    encoder_ips = encoder_throughput(spec, texts, settings.max_batch)
+    encoder = load_encoder(spec)
+    encoder_name = encoder.name
+    print(f"encoder {encoder_name}: measuring its own throughput ...", flush=True)
+    encoder_ips = encoder_throughput(encoder, texts, settings.max_batch)
+    del encoder  # the worker process loads its own
     print(f"  {encoder_ips:.0f} items/s", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="ternrec-bench-"))
@@ -249,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                "TERNREC_HTTP_WORKERS": str(args.http_workers)}
         settings = Settings(kafka_bootstrap=kafka.bootstrap, redis_url=redis_server.url)
         event_log = KafkaLog(kafka.bootstrap)
-        worker = spawn([sys.executable, "-m", "encoder.worker"], env, workdir / "worker.log")
+        worker = spawn([sys.executable, "-m", "recommender.worker"], env, workdir / "worker.log")
         recommender = spawn([sys.executable, "-m", "recommender.service"], env, workdir / "recommender.log")
         service = Service(f"http://127.0.0.1:{port}")
         try:
@@ -288,12 +264,12 @@ def main(argv: list[str] | None = None) -> None:
                     queries[endpoint].append(wrk(service.url, paths, clients, args.query_seconds, workdir))
             memory = {"encoder worker": rss_mib(worker.pid), "recommender": rss_mib(recommender.pid)}
         finally:
-            stop(worker)
-            stop(recommender)
+            for proc in (worker, recommender):
+                stop_child(proc, timeout=30)
             event_log.close()
     shutil.rmtree(workdir, ignore_errors=True)
-    result = {"command": COMMAND, "encoder": spec, "http_workers": args.http_workers, "max_batch": settings.max_batch,
-              "max_wait_ms": settings.max_wait_ms, "catalog_items": catalog_items,
+    result = {"command": COMMAND, "encoder": encoder_name, "http_workers": args.http_workers,
+              "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms, "catalog_items": catalog_items,
               "encoder_items_per_s": round(encoder_ips, 1),
               "ingest": {"items": len(burst), "items_per_s": round(ingest_ips, 1),
                          "ratio_to_encoder": round(ingest_ips / encoder_ips, 3)},

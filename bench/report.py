@@ -9,9 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-REPORTS = REPO / "reports"
-BENCHMARKS = REPO / "BENCHMARKS.md"
+from ingest.settings import REPO_ROOT
+
+REPORTS = REPO_ROOT / "reports"
+BENCHMARKS = REPO_ROOT / "BENCHMARKS.md"
 
 
 def machine() -> dict:
@@ -20,7 +21,7 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                             text=True).stdout.strip()
     return {"cpu": cpu, "python": platform.python_version(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     redis_report = bench_redis(args.runs, args.redis_keys)
     kafka_report = bench_kafka(args.runs)
     report = {
-        "what": "start-up time of LocalKafka / LocalRedis (ingest/services.py), seconds",
+        "what": "start-up time of LocalKafka / LocalRedis (ingest/services/), seconds",
         "runs": args.runs,
         "kafka": {"version": KAFKA_VERSION, "mode": "KRaft single node, -Xmx512m", **kafka_report},
         "redis": {"version": _version(["redis-server", "--version"]), "persistence": "AOF everysec",

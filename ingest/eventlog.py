@@ -22,6 +22,7 @@ from ingest.schema import Event, InvalidEvent, Limits, parse_event, topic_for
 from ingest.settings import Settings
 
 log = logging.getLogger(__name__)
+DEAD_LETTER_WAIT_S = 5.0  # longest a commit waits for its dead letters (the broker may be away)
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,17 @@ class Delivery(Protocol):
 
 class Producer(Protocol):
     def send(self, topic: str, value: bytes, key: str | None = None) -> Delivery: ...
+    # Raises the error of a record that could not be delivered, TimeoutError when `timeout` s pass first.
     def flush(self, timeout: float | None = None) -> None: ...
-    def close(self) -> None: ...
+    def close(self) -> None: ...  # flushes within a bounded time; what is left undelivered fails
 
 
 class Consumer(Protocol):
     def poll(self, max_records: int = 500, timeout_ms: int = 100) -> list[Record]: ...
     def commit(self, records: list[Record] | None = None) -> None: ...
     def lag(self) -> int: ...  # records in its partitions not yet returned by poll
+    def assignment(self) -> set[tuple[str, int]]: ...  # the (topic, partition) pairs it owns now
+    def committed(self, topic: str, partition: int) -> int | None: ...  # the group's offset, None if none
     def close(self) -> None: ...
 
 
@@ -89,10 +93,6 @@ class EventProducer:
 
     def send(self, event: Event) -> None:
         self.producer.send(topic_for(event, self.settings), event.to_json(), key=event.key)
-
-    def send_raw(self, topic: str, value: bytes, key: str | None = None) -> None:
-        """Sends bytes as they are (replay of malformed input, tests of the dead-letter path)."""
-        self.producer.send(topic, value, key=key)
 
     def flush(self, timeout: float | None = None) -> None:
         self.producer.flush(timeout)
@@ -155,18 +155,30 @@ class EventConsumer:
         return records
 
     def commit(self, records: list[Record] | None = None) -> None:
-        """Commits `records` (default: everything polled so far), dead letters flushed first."""
+        """Commits `records` (default: everything polled so far), dead letters flushed first.
+
+        Dead letters not acknowledged within DEAD_LETTER_WAIT_S skip this commit: nothing is lost,
+        as a later commit covering these offsets flushes every dead letter sent before it first.
+        """
         if records is None:
             records = self.take_polled()
         if not records:
             return
-        self.dead_letters.flush()
+        try:
+            self.dead_letters.flush(DEAD_LETTER_WAIT_S)
+        except TimeoutError:
+            log.warning("dead letters not acknowledged within %.0f s; commit of %d record(s) skipped",
+                        DEAD_LETTER_WAIT_S, len(records))
+            return
         self.consumer.commit(records)
 
     def lag(self) -> int:
         return self.consumer.lag()
 
     def close(self) -> None:
-        self.dead_letters.flush()
-        self.dead_letters.close()
-        self.consumer.close()
+        """Leaves the group; dead letters not delivered within the close timeout are dropped (their
+        records were not committed, so they are read, and dead-lettered, again)."""
+        try:
+            self.dead_letters.close()
+        finally:
+            self.consumer.close()

@@ -4,6 +4,10 @@ The one place that talks to Kafka (kafka-python). Producers are durable-by-defau
 idempotent, unbounded retries within a delivery timeout, ~5 ms batching) and surface a failed
 delivery at `flush()`, so a caller that flushes before committing its input never loses a record.
 Consumers are consumer-group members with manual, synchronous commits.
+
+Nothing waits unboundedly for a broker that has gone away: a commit gives up after
+`commit_timeout_ms` (the records are delivered again, as after a rebalance), and closing a
+producer or a consumer after `close_timeout_ms`, so every service exits within 10 s of SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,8 +18,14 @@ import threading
 import weakref
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from ingest.eventlog import Record
@@ -33,6 +43,8 @@ class KafkaLog:
         *,
         session_timeout_ms: int = 6000,
         heartbeat_interval_ms: int = 1000,
+        commit_timeout_ms: int = 3000,
+        close_timeout_ms: int = 1000,
     ) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
@@ -40,6 +52,8 @@ class KafkaLog:
         # (the broker's default minimum) instead of kafka-python's 45 s keeps failover quick.
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.commit_timeout_ms = commit_timeout_ms
+        self.close_timeout_ms = close_timeout_ms
         self._admin: KafkaAdminClient | None = None
         self._admin_lock = threading.Lock()
         self._children: weakref.WeakSet[KafkaLogProducer | KafkaLogConsumer] = weakref.WeakSet()
@@ -89,12 +103,6 @@ class KafkaLog:
             raise KeyError(f"topic {topic!r} does not exist (ensure_topics creates it)")
         return len(info["partitions"])
 
-    def topic_config(self, topic: str) -> dict[str, str]:
-        """The topic's non-default configuration, e.g. {"cleanup.policy": "compact"}."""
-        (configs,) = self.admin().describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="modified")["topic"].values()
-        return {k: v["value"] if isinstance(v, dict) else v for k, v in configs.items()}
-
     # -- clients --------------------------------------------------------------------------
     def producer(self, linger_ms: int = 5) -> KafkaLogProducer:
         p = KafkaLogProducer(self, linger_ms)
@@ -143,6 +151,7 @@ class KafkaLogProducer:
     """Sends bytes with an optional string key (the key picks the partition: murmur2, as Java)."""
 
     def __init__(self, owner: KafkaLog, linger_ms: int = 5) -> None:
+        self._close_timeout_s = owner.close_timeout_ms / 1000
         self._producer = KafkaProducer(
             bootstrap_servers=owner.bootstrap,
             client_id=f"{owner.client_id}-producer",
@@ -172,8 +181,11 @@ class KafkaLogProducer:
 
     def flush(self, timeout: float | None = None) -> None:
         """Blocks until every record sent so far is acknowledged by the broker (acks=all);
-        raises if any of them could not be delivered."""
-        self._producer.flush(timeout=timeout)
+        raises if any of them could not be delivered, TimeoutError if `timeout` s pass first."""
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaTimeoutError as exc:
+            raise TimeoutError(f"records not acknowledged within {timeout} s") from exc
         self._raise_delivery_error()
 
     def _raise_delivery_error(self) -> None:
@@ -186,8 +198,8 @@ class KafkaLogProducer:
         if self._closed:
             return
         self._closed = True
-        # Flushes what is buffered; after 30 s the rest fails, and the errback reports it below.
-        self._producer.close(timeout=30)
+        # Flushes what is buffered; past the timeout the rest fails, and the errback reports it below.
+        self._producer.close(timeout=self._close_timeout_s)
         self._raise_delivery_error()
 
 
@@ -196,6 +208,8 @@ class KafkaLogConsumer:
 
     def __init__(self, owner: KafkaLog, topics: list[str], group: str, from_beginning: bool) -> None:
         self.group = group
+        self._commit_timeout_ms = owner.commit_timeout_ms
+        self._close_timeout_ms = owner.close_timeout_ms
         self._consumer = KafkaConsumer(
             bootstrap_servers=owner.bootstrap,
             client_id=f"{owner.client_id}-consumer",
@@ -234,9 +248,10 @@ class KafkaLogConsumer:
         returned so far) and returns once the broker has stored them.
 
         Partitions that a rebalance has moved to another member are skipped, and a commit the
-        group rejects because it rebalanced since our last poll is dropped (logged): in both
-        cases the records are delivered again from the last committed offset, which
-        at-least-once allows and idempotent writes absorb. A commit never moves an offset back.
+        group rejects because it rebalanced since our last poll, or that the broker does not take
+        within the commit timeout (it is unreachable), is dropped (logged): in every case the records
+        are delivered again from the last committed offset, which at-least-once allows and
+        idempotent writes absorb. A commit never moves an offset back.
         """
         if records is None:
             wanted = dict(self._polled)
@@ -254,9 +269,13 @@ class KafkaLogConsumer:
         if not offsets:
             return
         try:
-            self._consumer.commit(offsets)
+            self._consumer.commit(offsets, timeout_ms=self._commit_timeout_ms)
         except (CommitFailedError, RebalanceInProgressError) as exc:  # rebalanced since, or rebalancing now
             log.warning("commit of %d partition(s) dropped, group %r rebalanced: %s",
+                        len(offsets), self.group, exc)
+            return
+        except (KafkaTimeoutError, KafkaConnectionError) as exc:
+            log.warning("commit of %d partition(s) dropped, group %r: broker unreachable: %s",
                         len(offsets), self.group, exc)
             return
         for tp, om in offsets.items():
@@ -267,7 +286,7 @@ class KafkaLogConsumer:
         parts = list(self._consumer.assignment() or ())
         if not parts:
             return 0
-        ends = self._consumer.end_offsets(parts)
+        ends = self._consumer.end_offsets(parts, timeout_ms=self._commit_timeout_ms)
         return sum(max(0, ends[tp] - self._consumer.position(tp)) for tp in parts)
 
     def assignment(self) -> set[tuple[str, int]]:
@@ -283,5 +302,5 @@ class KafkaLogConsumer:
         if self._closed:
             return
         self._closed = True
-        self._consumer.close(autocommit=False)
+        self._consumer.close(autocommit=False, timeout_ms=self._close_timeout_ms)
 

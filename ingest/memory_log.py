@@ -119,14 +119,14 @@ class InProcessLog:
         members = self._members.get(group, [])
         committed = self._committed.setdefault(group, {})
         for member in members:
-            member.assignment = {}
+            member.positions = {}
         for topic in sorted({t for m in members for t in m.topics}):
             subscribers = [m for m in members if topic in m.topics]
             for index in range(len(self._topics[topic].partitions)):
                 owner = subscribers[index * len(subscribers) // len(self._topics[topic].partitions)]
                 tp = (topic, index)
                 default = 0 if owner.from_beginning else self._topics[topic].partitions[index].next_offset
-                owner.assignment[tp] = committed.get(tp, default)
+                owner.positions[tp] = committed.get(tp, default)
 
     def _leave(self, consumer: InProcessConsumer) -> None:
         with self._lock:
@@ -173,7 +173,7 @@ class InProcessConsumer:
         self.topics = list(topics)
         self.group = group
         self.from_beginning = from_beginning
-        self.assignment: dict[tuple[str, int], int] = {}  # partition -> next position
+        self.positions: dict[tuple[str, int], int] = {}  # assigned partition -> next position
         self._closed = False
 
     def poll(self, max_records: int = 500, timeout_ms: int = 100) -> list[Record]:
@@ -181,13 +181,13 @@ class InProcessConsumer:
         with self.log._lock:
             while True:
                 out: list[Record] = []
-                for tp, position in list(self.assignment.items()):
+                for tp, position in list(self.positions.items()):
                     if len(out) >= max_records:
                         break
                     part = self.log._topics[tp[0]].partitions[tp[1]]
                     records = part.read(position, max_records - len(out))
                     if records:
-                        self.assignment[tp] = records[-1].offset + 1
+                        self.positions[tp] = records[-1].offset + 1
                         out.extend(records)
                 remaining = deadline - time.monotonic()
                 if out or remaining <= 0 or self._closed:
@@ -198,7 +198,7 @@ class InProcessConsumer:
         with self.log._lock:
             committed = self.log._committed.setdefault(self.group, {})
             if records is None:
-                positions = {tp: pos for tp, pos in self.assignment.items()}
+                positions = {tp: pos for tp, pos in self.positions.items()}
             else:
                 positions = {}
                 for r in records:
@@ -207,10 +207,20 @@ class InProcessConsumer:
             for tp, pos in positions.items():
                 committed[tp] = max(committed.get(tp, 0), pos)
 
+    def assignment(self) -> set[tuple[str, int]]:
+        """The (topic, partition) pairs this member owns now."""
+        with self.log._lock:
+            return set(self.positions)
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        """The group's committed offset of one partition (None: nothing committed yet)."""
+        with self.log._lock:
+            return self.log._committed.get(self.group, {}).get((topic, partition))
+
     def lag(self) -> int:
         with self.log._lock:
             return sum(self.log._topics[t].partitions[p].next_offset - pos
-                       for (t, p), pos in self.assignment.items())
+                       for (t, p), pos in self.positions.items())
 
     def close(self) -> None:
         self._closed = True

@@ -1,19 +1,27 @@
-"""The one event schema: item upserts, item deletes and user interactions.
+"""The one module of message schemas: the events, and the `item-embeddings` change message.
 
-Events are JSON objects with a `type` discriminator (DESIGN.md seams). Every event carries an
-`event_id`, a timestamp `ts` (Unix seconds, float) and `schema_version`; the parser fills in the
-first two when they are missing. Extra fields are kept. Oversized input is rejected with a reason,
-never truncated. Item events are keyed by `item_id`, interactions by `user_id`.
+Events (item upserts, item deletes, user interactions) are JSON objects with a `type`
+discriminator (docs/ARCHITECTURE.md, seams). Every event carries an `event_id`, a timestamp `ts`
+(Unix seconds, float) and `schema_version`; the parser fills in the first two when they are
+missing. Extra fields are kept. Oversized input is rejected with a reason, never truncated. Item
+events are keyed by `item_id`, interactions by `user_id`.
+
+An `ItemChange` is what the encoder worker applied for one item (an upsert with its embedding, or
+a delete): it goes onto the compacted `item-embeddings` topic, keyed by `item_id`, as JSON with the
+embedding in base64 float32 (`change_to_json` / `change_from_json`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SCHEMA_VERSION = 1
@@ -37,11 +45,17 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^\S(.*\S)?$")]
+# No control characters, no space at either end. Spelled with explicit ranges (no \s or .) so that
+# every regex engine reading the JSON Schema (Python's, Rust's, ECMA's in clients) agrees on it.
+ID_PATTERN = r"^[^\x00-\x20\x7f]([^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?$"
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
 
 
 class _EventBase(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    # python-re: the same regex semantics as the JSON Schema clients (and fuzzers) validate against;
+    # no NaN/Infinity: they have no JSON form, so the event could not be written to a topic as it came.
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, regex_engine="python-re",
+                              allow_inf_nan=False)
 
     event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=MAX_ID_CHARS)
     ts: float = Field(default_factory=time.time, ge=0)
@@ -110,9 +124,23 @@ def _describe(error: ValidationError) -> str:
         where = ".".join(loc) or "event"
         if err["type"] == "missing":
             parts.append(f"missing field '{where}'")
+        elif err["type"] == "string_pattern_mismatch" and err["ctx"].get("pattern") == ID_PATTERN:
+            parts.append(f"field '{where}': an id may not contain control characters or start or end "
+                         "with a space")
         else:
             parts.append(f"field '{where}': {err['msg']}")
     return "; ".join(parts)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_event(raw: bytes | str | dict, limits: Limits = DEFAULT_LIMITS) -> Event:
@@ -122,9 +150,20 @@ def parse_event(raw: bytes | str | dict, limits: Limits = DEFAULT_LIMITS) -> Eve
         if size > limits.max_event_bytes:
             raise InvalidEvent(f"event is {size} bytes, over the limit of {limits.max_event_bytes}")
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent(f"invalid JSON: an event must be UTF-8 ({exc})") from None
+        try:
+            data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+        except RecursionError:
+            raise InvalidEvent("invalid JSON: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, and numbers Python will not parse
             raise InvalidEvent(f"invalid JSON: {exc}") from None
+        if "\\u" in text:  # an escaped lone surrogate is valid JSON but no Unicode text
+            try:
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidEvent("invalid JSON: a \\u escape is not a whole Unicode character") from None
     else:
         data = raw
     if not isinstance(data, dict):
@@ -148,6 +187,47 @@ def parse_event(raw: bytes | str | dict, limits: Limits = DEFAULT_LIMITS) -> Eve
     return event
 
 
+def event_json_schemas(limits: Limits = DEFAULT_LIMITS) -> dict[str, dict]:
+    """JSON Schemas of the events accepted under `limits`, for an OpenAPI document's components:
+    "Event" (the union, discriminated by `type`) and one per event type. The byte limit has no JSON
+    Schema form; it is stated in the description."""
+    schema = _event_adapter.json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs")
+    upsert = defs["ItemUpsert"]["properties"]
+    upsert["title"]["maxLength"] = limits.max_title_chars
+    upsert["text"]["anyOf"][0]["maxLength"] = limits.max_text_chars
+    schema["description"] = (f"One event, a UTF-8 JSON object of at most {limits.max_event_bytes} bytes. "
+                             "`event_id` and `ts` are filled in when missing; other fields are kept.")
+    return {"Event": schema, **defs}
+
+
 def topic_for(event: Event, settings) -> str:
     """Item events go to the item topic, interactions to the user topic."""
     return settings.topic_user_events if isinstance(event, Interaction) else settings.topic_item_events
+
+
+@dataclass(frozen=True)
+class ItemChange:
+    """An applied item upsert or delete, as published on `item-embeddings`."""
+
+    item_id: str
+    ts: float
+    event_id: str
+    deleted: bool
+    embedding: np.ndarray | None = None
+
+
+def change_to_json(change: ItemChange) -> bytes:
+    """The `item-embeddings` message: the change, embedding as base64 float32."""
+    payload = {"item_id": change.item_id, "ts": change.ts, "event_id": change.event_id,
+               "deleted": change.deleted}
+    if change.embedding is not None:
+        payload["embedding"] = base64.b64encode(np.asarray(change.embedding, np.float32).tobytes()).decode()
+    return json.dumps(payload).encode()
+
+
+def change_from_json(value: bytes) -> ItemChange:
+    data = json.loads(value)
+    emb = data.get("embedding")
+    return ItemChange(data["item_id"], float(data["ts"]), data["event_id"], bool(data["deleted"]),
+                      None if emb is None else np.frombuffer(base64.b64decode(emb), dtype=np.float32))

@@ -13,7 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the app's one; resources beside the code
+BUNDLED_TERNARY_MODEL = REPO_ROOT / "models" / "ternary-minilm"
 KAFKA_VERSION = "3.9.1"
 
 
@@ -73,6 +74,14 @@ class Settings(BaseSettings):
     @property
     def resolved_service_url(self) -> str:
         return self.service_url or f"http://{self.http_host}:{self.http_port}"
+
+    @property
+    def resolved_encoder(self) -> str:
+        """The encoder spec for `encoder.load_encoder`: the configured one, else the bundled ternary
+        model when present, else "" (load_encoder's default: the full-precision base model)."""
+        if self.encoder:
+            return self.encoder
+        return str(BUNDLED_TERNARY_MODEL) if (BUNDLED_TERNARY_MODEL / "config.json").is_file() else ""
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from encoder.worker import change_from_json
 from ingest.eventlog import EventLog, EventProducer
-from ingest.schema import Event, InvalidEvent, Limits, parse_event, topic_for
+from ingest.schema import Event, InvalidEvent, Limits, change_from_json, parse_event, topic_for
 from ingest.settings import Settings
 from recommender.index import ItemIndex
 from recommender.metrics import Metrics, StageTimer
@@ -203,7 +202,7 @@ class IndexUpdater:
                 self.step()
             except Exception:  # keep serving from the index we have; log and go on
                 log.exception("index update failed")
-                time.sleep(0.5)
+                stop.wait(0.5)
 
     def close(self) -> None:
         self.consumer.close()

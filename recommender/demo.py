@@ -16,15 +16,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
 from ingest.replay import Selection, replay, selected_events
-from ingest.settings import Settings
+from ingest.services.process import spawn_child, stop_child
+from ingest.settings import REPO_ROOT, Settings
 from recommender.runtime import Runtime
 
-UI_APP = Path(__file__).resolve().parent.parent / "ui" / "app.py"
+UI_APP = REPO_ROOT / "ui" / "app.py"
 DEFAULT_USER = "1"  # the user the UI opens on
 
 
@@ -42,13 +42,14 @@ def start_http(runtime: Runtime, settings: Settings):
 
 
 def start_ui(settings: Settings) -> subprocess.Popen | None:
+    """Streamlit as a child that dies with the demo, even when the demo is SIGKILLed."""
     if not UI_APP.is_file():
         return None
     env = {**os.environ, "TERNREC_SERVICE_URL": settings.resolved_service_url}
-    return subprocess.Popen(
+    return spawn_child(
         [sys.executable, "-m", "streamlit", "run", str(UI_APP), "--server.port", str(settings.ui_port),
          "--server.address", settings.http_host, "--server.headless", "true",
-         "--browser.gatherUsageStats", "false"], env=env)
+         "--browser.gatherUsageStats", "false"], cwd=REPO_ROOT, env=env, stdout=None)
 
 
 def wait_until_indexed(runtime: Runtime, total: int, stop: threading.Event) -> None:
@@ -97,8 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         stop.wait()
     finally:
         if ui:
-            ui.terminate()
-            ui.wait(timeout=10)
+            stop_child(ui, timeout=10)
         if runtime:
             runtime.stop()
 

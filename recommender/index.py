@@ -21,7 +21,7 @@ import threading
 import faiss
 import numpy as np
 
-from recommender.store import ItemChange
+from ingest.schema import ItemChange
 
 TIE_SLACK = 8
 _thread = threading.local()

@@ -13,6 +13,7 @@ import threading
 from ingest.eventlog import EventConsumer, EventLog
 from ingest.schema import Interaction
 from ingest.settings import Settings
+from recommender.stopping import StopRequested
 from recommender.store import Store, retry_while_unavailable
 
 log = logging.getLogger("recommender.profiles")
@@ -25,7 +26,7 @@ class ProfileUpdater:
         self.consumer = EventConsumer(event_log, settings, [settings.topic_user_events], group)
         self.applied = 0
 
-    def step(self, max_records: int = 500, timeout_ms: int = 100) -> int:
+    def step(self, max_records: int = 500, timeout_ms: int = 100, stop: threading.Event | None = None) -> int:
         polled = self.consumer.poll(max_records=max_records, timeout_ms=timeout_ms)
         interactions = []
         for record, event in polled:
@@ -38,13 +39,18 @@ class ProfileUpdater:
             embeddings = self.store.item_embeddings(sorted({e.item_id for e in interactions}))
             return self.store.apply_interactions(interactions, embeddings)
 
-        self.applied += retry_while_unavailable(self.store, apply, log, "the interactions")
+        self.applied += retry_while_unavailable(self.store, apply, log, "the interactions", stop)
         self.consumer.commit()
         return len(interactions)
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            self.step()
+        """Loops until `stop` is set; interactions not written when it stops (Redis away) stay uncommitted."""
+        try:
+            while not stop.is_set():
+                self.step(stop=stop)
+        except StopRequested as exc:
+            log.warning("%s: left uncommitted", exc)
+            self.consumer.take_polled()  # never committed by the commit below
         self.consumer.commit()
 
     def close(self) -> None:

@@ -3,18 +3,18 @@
 Embedded mode (`make demo`): the in-process log and an embedded store, with the encoder worker,
 profile updater and index updater as threads beside the HTTP service. Service mode
 (`python -m recommender.service` against Kafka and Redis): the index updater only; the workers run
-in their own processes (`python -m encoder.worker`).
+in their own processes (`python -m recommender.worker`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import faiss
 
-from encoder.loading import load_encoder, resolve_encoder_spec
-from encoder.worker import EncoderWorker
+from encoder import load_encoder
 from ingest.eventlog import EventProducer, ensure_topics, open_event_log
 from ingest.settings import Settings
 from recommender.core import IndexUpdater, Recommender
@@ -22,8 +22,10 @@ from recommender.index import ItemIndex
 from recommender.metrics import Metrics
 from recommender.profiles import ProfileUpdater
 from recommender.store import Store, open_redis, wait_for_redis
+from recommender.worker import EncoderWorker
 
 log = logging.getLogger("recommender.runtime")
+STOP_S = 5.0  # longest stop() waits for the loops to finish (each close after it is bounded too)
 
 
 class Runtime:
@@ -39,7 +41,7 @@ class Runtime:
         self.with_workers = settings.embedded_log if with_workers is None else with_workers
         self.encoder = encoder
         if self.encoder is None and self.with_workers:  # the service alone never encodes
-            self.encoder = load_encoder(resolve_encoder_spec(settings.encoder))
+            self.encoder = load_encoder(settings.resolved_encoder)
         self.index = ItemIndex()
         self.producer = EventProducer(self.event_log, settings)
         self.recommender = Recommender(self.store, self.index, self.producer, settings, self.metrics)
@@ -62,8 +64,9 @@ class Runtime:
 
     def stop(self) -> None:
         self._stop.set()
+        deadline = time.monotonic() + STOP_S
         for thread in self._threads:
-            thread.join(timeout=10)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for part in (self.worker, self.profiles, self.index_updater):
             if part is not None:
                 part.close()

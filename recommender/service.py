@@ -1,37 +1,69 @@
 """The recommender HTTP service: `python -m recommender.service` (FastAPI + uvicorn).
 
-Thin routes over `recommender.core.Recommender` (DESIGN.md seams):
+Thin routes over `recommender.core.Recommender` (docs/ARCHITECTURE.md, seams):
 `GET /items/{item_id}/similar?k=`, `GET /users/{user_id}/recommendations?k=`, `POST /events`,
 `GET /health` (with `index_size`), `GET /metrics` (Prometheus text), and `GET /stats` (recent
 latency and freshness percentiles for the UI).
-"""
 
+The OpenAPI document (`/openapi.json`) is the contract: every route declares the status codes it
+really answers, every error has one body (`ErrorBody`), and the `POST /events` body is the event
+union of ingest/schema.py with its size limits. tests/test_contract.py fuzzes the running service
+against it.
+"""
 
 import argparse
 import logging
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ingest.schema import InvalidEvent
+from ingest.schema import ID_PATTERN, MAX_ID_CHARS, InvalidEvent, event_json_schemas
 from ingest.settings import Settings, add_settings_flags, settings_from_args
 from recommender.core import MAX_K, Recommender, UnknownItem
+from recommender.stopping import StopRequested, abort_on_signal
 
 log = logging.getLogger("recommender.service")
+GRACEFUL_SHUTDOWN_S = 3  # in-flight requests after SIGTERM, then the runtime stops (bounded too)
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    detail: str = Field(description="what was wrong, in one line")
+
+
+class Because(BaseModel):
+    item_id: str
+    title: str | None
 
 
 class ResultItem(BaseModel, extra="allow"):
     item_id: str
     score: float
     title: str
+    authors: str | None = None
+    year: int | None = None
+    tags: list[str] | None = None
+    image_url: str | None = None
+    because: Because | None = Field(None, description="the user's book this pick is nearest to")
 
 
 class Results(BaseModel, extra="allow"):
     items: list[ResultItem]
-    latency_ms: dict[str, float]
+    latency_ms: dict[str, float] = Field(description="wall time per stage and in total, milliseconds")
+
+
+class Recommendations(Results):
+    user_id: str
+    strategy: Literal["profile", "popular"]
+    cold_start: bool
+    seen_count: int
 
 
 class Accepted(BaseModel):
@@ -41,56 +73,135 @@ class Accepted(BaseModel):
     topic: str
 
 
+class Health(BaseModel, extra="allow"):
+    status: Literal["ok", "degraded"]
+    index_size: int = Field(description="distinct searchable items")
+    redis: bool
+
+
+class Stats(BaseModel, extra="allow"):
+    window_s: float
+    index_size: int
+    freshness_count: int
+    freshness_ms: dict[str, float]
+    query_latency_ms: dict[str, dict[str, Any]]
+
+
+EVENT_EXAMPLES = {
+    "item_upsert": {"value": {"type": "item_upsert", "item_id": "42", "title": "Dune",
+                              "text": "Dune by Frank Herbert. science fiction"}},
+    "item_delete": {"value": {"type": "item_delete", "item_id": "42"}},
+    "interaction": {"value": {"type": "interaction", "user_id": "7", "item_id": "42", "kind": "read"}},
+}
+
+
+def _errors(*codes: int) -> dict:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
 K = Annotated[int, Query(ge=1, le=MAX_K, description=f"how many results, 1 to {MAX_K}")]
-Id = Annotated[str, Path(min_length=1, max_length=256)]
+Id = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
+
+
+def _where(loc: tuple) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("query", "path", "body", "header"):
+        return f"{parts[0]} parameter '{'.'.join(parts[1:])}'" if len(parts) > 1 else parts[0]
+    return ".".join(parts) or "request"
 
 
 def create_app(recommender: Recommender) -> FastAPI:
     app = FastAPI(title="ternrec recommender", version="0.1.0")
+    max_body = recommender.limits.max_event_bytes
 
     def core() -> Recommender:
         return recommender
 
     Core = Annotated[Recommender, Depends(core)]
 
-    @app.get("/items/{item_id}/similar", response_model=Results)
+    async def event_bytes(request: Request) -> bytes:
+        """The raw body, read no further than the size limit (parsing is the schema module's job)."""
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise HTTPException(413, f"event is over the limit of {max_body} bytes")
+        return bytes(body)
+
+    @app.get("/items/{item_id}/similar", response_model=Results, operation_id="similar_items",
+             responses=_errors(404, 422))
     def similar(item_id: Id, rec: Core, k: K = 10):
+        """The k items nearest to `item_id` by content (404 if it is not searchable)."""
         try:
             return rec.similar(item_id, k).to_dict()
         except UnknownItem as exc:
             raise HTTPException(404, str(exc)) from None
 
-    @app.get("/users/{user_id}/recommendations", response_model=Results)
+    @app.get("/users/{user_id}/recommendations", response_model=Recommendations,
+             operation_id="user_recommendations", responses=_errors(422))
     def recommendations(user_id: Id, rec: Core, k: K = 10):
+        """Picks for a user, seen items excluded; a user without history gets the popular list."""
         return rec.recommend(user_id, k).to_dict()
 
-    @app.post("/events", status_code=202, response_model=Accepted)
-    def events(rec: Core, body: Annotated[Any, Body()]):
+    @app.post("/events", status_code=202, response_model=Accepted, operation_id="post_event",
+              responses={**_errors(413, 422), 202: {"links": _event_links()}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/Event"}, "examples": EVENT_EXAMPLES}}}})
+    def events(rec: Core, body: Annotated[bytes, Depends(event_bytes)]):
+        """Accepts one event (see the Event schema) and produces it to its topic."""
         try:
             event = rec.submit(body)
         except InvalidEvent as exc:
             raise HTTPException(422, f"invalid event: {exc}") from None
         return Accepted(event_id=event.event_id, ts=event.ts, type=event.type, topic=rec.topic_of(event))
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, operation_id="health",
+             responses={503: {"model": Health, "description": "a dependency is down"}})
     def health(rec: Core):
         status = rec.health()
         return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)
 
-    @app.get("/stats")
+    @app.get("/stats", response_model=Stats, operation_id="stats", responses=_errors(422))
     def stats(rec: Core, window_s: Annotated[float, Query(gt=0, le=3600)] = 60.0):
         return {**rec.metrics.snapshot(window_s), "freshness_series": rec.metrics.freshness_series(),
                 "index_size": len(rec.index)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, operation_id="metrics",
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
     def metrics(rec: Core):
-        return Response(rec.metrics.prometheus_text(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(rec.metrics.prometheus_text(), media_type="text/plain; version=0.0.4")
 
-    @app.exception_handler(ValueError)
-    def bad_value(_: Request, exc: ValueError):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(_: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(_: Request, exc: RequestValidationError):
+        reasons = "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"detail": reasons or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    def server_error(_: Request, exc: Exception):
+        log.error("unhandled error", exc_info=exc)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                event_json_schemas(recommender.limits))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _event_links() -> dict:
+    """OpenAPI links: what a client (or a stateful fuzzer) can ask after posting an event. Every
+    event names an item; only interactions name a user, so no link promises a user."""
+    return {"SimilarItems": {"operationId": "similar_items", "parameters": {"item_id": "$request.body#/item_id"}}}
 
 
 def app_from_environment() -> FastAPI:
@@ -102,8 +213,13 @@ def app_from_environment() -> FastAPI:
 
     from recommender.runtime import Runtime
 
-    runtime = Runtime(Settings())
-    runtime.start()
+    try:
+        with abort_on_signal():  # uvicorn only watches its signals once the app is loaded
+            runtime = Runtime(Settings())
+            runtime.start()
+    except StopRequested as exc:
+        log.info("%s: not started", exc)
+        raise SystemExit(0) from None  # asked to stop: a clean exit, not a start-up failure
     log.info("replica ready (pid %d, index: %d items)", os.getpid(), len(runtime.index))
 
     @asynccontextmanager
@@ -134,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("serving on http://%s:%d with %d replica(s)", settings.http_host, settings.http_port,
              settings.http_workers)
     uvicorn.run("recommender.service:app_from_environment", factory=True, host=settings.http_host,
-                port=settings.http_port, workers=settings.http_workers, log_level="warning", access_log=False)
+                port=settings.http_port, workers=settings.http_workers, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from ingest.schema import Interaction, ItemDelete, ItemUpsert
+from ingest.schema import Interaction, ItemChange, ItemDelete, ItemUpsert
+from recommender.stopping import StopRequested
 
 RECENT_ITEMS = 50
 PROFILE_HALF_LIFE_S = 7 * 24 * 3600.0  # interests fade over weeks, not minutes
@@ -42,17 +44,6 @@ def open_redis(url: str) -> redis.Redis:
         return fakeredis.FakeRedis(server=fakeredis.FakeServer())
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
                                 health_check_interval=10)
-
-
-@dataclass(frozen=True)
-class ItemChange:
-    """An applied item upsert or delete, as published on `item-embeddings`."""
-
-    item_id: str
-    ts: float
-    event_id: str
-    deleted: bool
-    embedding: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -259,21 +250,13 @@ class Store:
                 break
         return out
 
-    def user_ids(self, limit: int = 100) -> list[str]:
-        """Some users with a profile (for the UI's sample user)."""
-        out = []
-        for key in self.r.scan_iter(match=f"{self.p}user:*:profile", count=1000):
-            out.append(key.decode()[len(self.p) + 5:-len(":profile")])
-            if len(out) >= limit:
-                break
-        return out
 
-
-def retry_while_unavailable(store: Store, operation, log, what: str):
+def retry_while_unavailable(store: Store, operation, log, what: str, stop: threading.Event | None = None):
     """Runs `operation()` until Redis takes it, waiting for Redis between attempts.
 
     A consumer holds uncommitted offsets while it waits, so giving up would only mean reading the
-    same events again later; waiting loses nothing.
+    same events again later; waiting loses nothing. Once `stop` is set it gives up instead, with
+    StopRequested: the caller leaves the operation's input uncommitted and exits.
     """
     while True:
         try:
@@ -281,19 +264,23 @@ def retry_while_unavailable(store: Store, operation, log, what: str):
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("Redis unavailable (%s); retrying %s", exc, what)
             try:
-                wait_for_redis(store, timeout_s=5)
+                wait_for_redis(store, timeout_s=5, stop=stop)
             except (redis.ConnectionError, redis.TimeoutError):
                 pass
+            if stop is not None and stop.is_set():
+                raise StopRequested(f"stopping while Redis is unavailable; {what} not written") from exc
 
 
-def wait_for_redis(store: Store, timeout_s: float = 30.0) -> None:
-    """Blocks until Redis answers (a worker started before Redis, or Redis restarting)."""
+def wait_for_redis(store: Store, timeout_s: float = 30.0, stop: threading.Event | None = None) -> None:
+    """Blocks until Redis answers (a worker started before Redis, or Redis restarting), at most
+    `timeout_s` (then the last error), or until `stop` is set (then it returns)."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    stop = stop or threading.Event()
+    while not stop.is_set():
         try:
             store.ping()
             return
         except redis.ConnectionError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
+            stop.wait(0.2)

@@ -6,8 +6,6 @@ selenium-manager never downloads anything. The model-free hashing encoder keeps 
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from ingest.services import free_port
+from ingest.services.process import stop_child
+from ingest.settings import REPO_ROOT
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = REPO_ROOT / "reports" / "ui.png"
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -43,12 +44,6 @@ document.querySelector(".st-key-want-0 button").click();
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.monotonic() + timeout
     while True:
@@ -69,21 +64,6 @@ def ui_ready(url: str) -> bool:
         return httpx.get(f"{url}/_stcore/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def stop_tree(proc: subprocess.Popen) -> None:
-    """The demo and its Streamlit child share a process group of their own."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (e.g. the UI child)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=5)
 
 
 def start_chromium(profile_dir: Path):
@@ -163,4 +143,4 @@ def test_demo_shows_recommendations_and_reacts_to_a_click(tmp_path, monkeypatch)
     finally:
         if driver is not None:
             driver.quit()
-        stop_tree(proc)
+        stop_child(proc, timeout=15)  # the demo, and whatever is left of its process group

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import subprocess
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -22,11 +21,10 @@ import yaml
 
 from deploy.probes import CheckFailed, ContainerEvent, EventRecorder, verify_start_order
 from ingest.services import fetch_kafka_jars, kafka_jars_ready
-from ingest.settings import KAFKA_VERSION, Settings
+from ingest.settings import KAFKA_VERSION, REPO_ROOT, Settings
 
-REPO = Path(__file__).resolve().parent.parent
-COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()
-ENV_EXAMPLE = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+COMPOSE_TEXT = (REPO_ROOT / "docker-compose.yml").read_text()
+ENV_EXAMPLE = dict(line.split("=", 1) for line in (REPO_ROOT / ".env.example").read_text().splitlines()
                    if line.strip() and not line.lstrip().startswith("#"))
 SERVICES = {"kafka", "redis", "topic-init", "worker", "recommender", "ui", "replay"}
 APP_SERVICES = {"topic-init", "worker", "recommender", "ui", "replay"}
@@ -87,7 +85,7 @@ def test_services_and_volumes(compose):
 
 def test_every_ternrec_variable_is_a_setting():
     fields = set(Settings.model_fields)
-    texts = [COMPOSE_TEXT, (REPO / ".env.example").read_text(), (REPO / "Dockerfile").read_text()]
+    texts = [COMPOSE_TEXT, (REPO_ROOT / ".env.example").read_text(), (REPO_ROOT / "Dockerfile").read_text()]
     used = {name for text in texts for name in re.findall(r"TERNREC_([A-Z0-9_]+)", text)}
     assert used, "the compose file configures the app through TERNREC_* variables"
     unknown = sorted(f"TERNREC_{n}" for n in used if n.lower() not in fields)
@@ -157,7 +155,7 @@ def _module_of(command: list[str]) -> str | None:
     return command[command.index("-m") + 1] if "-m" in command else None
 
 
-@pytest.mark.parametrize("service, module", [("worker", "encoder.worker"), ("recommender", "recommender.service"),
+@pytest.mark.parametrize("service, module", [("worker", "recommender.worker"), ("recommender", "recommender.service"),
                                              ("replay", "ingest.replay")])
 def test_commands_run_existing_modules_with_valid_flags(compose, service, module, monkeypatch):
     command = compose["services"][service]["command"]
@@ -193,11 +191,11 @@ def test_topic_init_and_ui_commands(compose, monkeypatch, capsys):
     assert "topics ready: item-events user-events item-embeddings dead-letter" in capsys.readouterr().out
     ui = compose["services"]["ui"]["command"][-1]
     script = re.search(r"streamlit run (\S+)", ui).group(1)
-    assert (REPO / script).is_file()  # the image's WORKDIR is a copy of the repository
+    assert (REPO_ROOT / script).is_file()  # the image's WORKDIR is a copy of the repository
 
 
 def test_dockerfile_and_env_file(compose):
-    dockerfile = (REPO / "Dockerfile").read_text()
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S*)", dockerfile, re.M))
     assert args["PYTHON_IMAGE"] == "python:3.11-slim" and args["PYTHON_BUILD_IMAGE"] == "python:3.11"
     assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${PYTHON_BUILD_IMAGE}", "${PYTHON_IMAGE}"]
@@ -207,14 +205,14 @@ def test_dockerfile_and_env_file(compose):
     # Only the ordinary index (or the wheelhouse the check passes): no apt, no other index, no torch pin.
     assert "apt-get install" not in dockerfile and "--index-url" not in dockerfile and "torch" not in dockerfile
     assert "pip wheel --no-deps" in dockerfile and "pip install -r" in dockerfile
-    assert ".env" in (REPO / ".dockerignore").read_text().split()  # no secrets in the image
+    assert ".env" in (REPO_ROOT / ".dockerignore").read_text().split()  # no secrets in the image
     required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE_TEXT))
     assert required <= {k for k, v in ENV_EXAMPLE.items() if v}, "every required variable has an example"
 
 
 # --------------------------------------------------------------------------- make compose-check
 
-CHECK_TEXT = (REPO / "deploy" / "compose.check.yml").read_text()
+CHECK_TEXT = (REPO_ROOT / "deploy" / "compose.check.yml").read_text()
 CHECK_VARIABLES = {"REDIS_PASSWORD": "pw", "TERNREC_HTTP_PORT": "18000",
                    **{name: "10000" for name in re.findall(r"CHECK_\w+", CHECK_TEXT)}}
 CHECK_OVERRIDE = interpolate(yaml.safe_load(CHECK_TEXT), CHECK_VARIABLES)
@@ -235,7 +233,7 @@ def test_check_override_keeps_everything_on_loopback():
     for listener in kafka["KAFKA_LISTENERS"].split(",") + kafka["KAFKA_ADVERTISED_LISTENERS"].split(","):
         assert urlparse(listener).hostname == "127.0.0.1", listener
     assert "--bind 127.0.0.1" in services["redis"]["command"][-1]
-    check = (REPO / "deploy" / "compose_check.py").read_text()
+    check = (REPO_ROOT / "deploy" / "compose_check.py").read_text()
     for name in set(re.findall(r"\$\{(CHECK_[A-Z_]+)", CHECK_TEXT)):
         assert f'"{name}"' in check, f"{name} is not set by deploy/compose_check.py"
 
@@ -248,7 +246,7 @@ def test_kafka_stand_in_reads_the_compose_environment(compose, tmp_path):
         fetch_kafka_jars(settings)
     env = {k: str(v) for k, v in compose["services"]["kafka"]["environment"].items()}
     env["KAFKA_LOG_DIRS"] = str(tmp_path / "data")
-    defaults = REPO / "deploy" / "images" / "kafka" / "docker"
+    defaults = REPO_ROOT / "deploy" / "images" / "kafka" / "docker"
     (tmp_path / "mounted").mkdir()
     (tmp_path / "final").mkdir()
     proc = subprocess.run(

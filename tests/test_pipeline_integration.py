@@ -10,7 +10,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,11 +29,10 @@ from recommender.runtime import Runtime
 from recommender.service import create_app
 from recommender.store import Store, open_redis
 from tests import waiting
+from tests.processes import settings_env, start_module
 
 pytestmark = pytest.mark.integration
 wait_for = partial(waiting.wait_for, timeout=120.0, every=0.1)  # real services: slower
-REPO = Path(__file__).resolve().parent.parent
-
 
 
 @pytest.fixture
@@ -52,16 +50,8 @@ def with_topics_and_db(settings: Settings, db: int) -> Settings:
                                                    "dead_letter")}})
 
 
-def settings_env(settings: Settings, encoder: str) -> dict[str, str]:
-    env = {**os.environ, "TERNREC_ENCODER": encoder, "HF_HUB_OFFLINE": "1"}
-    for name in ("kafka_bootstrap", "redis_url", "max_wait_ms", "topic_item_events", "topic_user_events",
-                 "topic_item_embeddings", "topic_dead_letter"):
-        env[f"TERNREC_{name.upper()}"] = str(getattr(settings, name))
-    return env
-
-
 class WorkerProcess:
-    """`python -m encoder.worker` as a child process, killable at any instant."""
+    """`python -m recommender.worker` as a child process, killable at any instant."""
 
     def __init__(self, settings: Settings, encoder: str, log_dir: Path, name: str = "worker"):
         self.env = settings_env(settings, encoder)
@@ -72,9 +62,7 @@ class WorkerProcess:
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "encoder.worker"], cwd=REPO, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = start_module("recommender.worker", self.env, self.log_path)
 
     @property
     def log_path(self) -> Path:

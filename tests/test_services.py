@@ -186,7 +186,7 @@ def test_a_service_started_from_a_short_lived_thread_outlives_the_thread(make_re
 def test_losing_the_free_port_race_retries_on_another_port(make_redis, monkeypatch):
     """Another process grabs the port between our pick and the server's bind: start() notices
     the bind failure (not someone else's server answering) and retries on a fresh port."""
-    from ingest import services
+    from ingest.services import process
 
     with socket.socket() as blocker:
         blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -194,8 +194,8 @@ def test_losing_the_free_port_race_retries_on_another_port(make_redis, monkeypat
         blocker.listen()
         taken = blocker.getsockname()[1]
         picks = iter([taken])
-        real_free_port = services.free_port
-        monkeypatch.setattr(services, "free_port", lambda host="127.0.0.1": next(picks, None) or real_free_port(host))
+        real_free_port = process.free_port
+        monkeypatch.setattr(process, "free_port", lambda host="127.0.0.1": next(picks, None) or real_free_port(host))
         server = make_redis()
         assert server.port != taken and "Address already in use" in server.log_path.read_text()
         with server.client() as r:
@@ -204,8 +204,8 @@ def test_losing_the_free_port_race_retries_on_another_port(make_redis, monkeypat
 
 def test_kafka_formats_with_a_cluster_id_that_starts_with_a_dash(monkeypatch, kafka):
     """One random id in 64 starts with '-'; the storage tool must not read it as a flag."""
-    import ingest.services
+    from ingest.services import kafka_broker
 
-    monkeypatch.setattr(ingest.services, "_cluster_id", lambda: "-" + "A" * 21)
+    monkeypatch.setattr(kafka_broker, "_cluster_id", lambda: "-" + "A" * 21)
     with LocalKafka(Settings()) as broker:
         assert broker.cluster_id == "-" + "A" * 21 and broker.running

@@ -5,7 +5,6 @@ runtime with the model-free hashing encoder (the encoder is not what these tests
 """
 
 import json
-import socket
 import threading
 
 import pytest
@@ -14,21 +13,16 @@ from streamlit.testing.v1 import AppTest
 
 from encoder.hashing import HashingEncoder
 from ingest.replay import Selection, replay, selected_events
-from ingest.settings import Settings
+from ingest.services import free_port
+from ingest.settings import REPO_ROOT, Settings
 from recommender.runtime import Runtime
 from recommender.service import create_app
 from tests.waiting import wait_for
-from ui.common import REPO_ROOT
 
 APP = str(REPO_ROOT / "ui" / "app.py")
 ITEMS, USERS = 300, 40
 TIMEOUT = 30
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 

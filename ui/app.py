@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `streamlit run ui/app.py` puts ui/ on sys.path, not the repository: make `ui.*` and `ingest.*` importable.
+# `streamlit run ui/app.py` puts ui/ on sys.path, not the repository: make `ui.*` and `ingest.*` importable
+# from this checkout (ingest.settings.REPO_ROOT, the app's one, cannot be imported before this).
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)

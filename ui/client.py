@@ -1,4 +1,4 @@
-"""The UI's one HTTP client for the recommender service (DESIGN.md seams), with timeouts.
+"""The UI's one HTTP client for the recommender service (docs/ARCHITECTURE.md, seams), with timeouts.
 
 Every failure becomes a `ServiceError` whose message is fit to show a visitor as is: the page
 renders it with `st.error` / `st.warning`, never a traceback.
@@ -107,11 +107,8 @@ def _detail(response: httpx.Response) -> str:
         body = response.json()
     except ValueError:
         return response.text[:200]
-    detail = body.get("detail") if isinstance(body, dict) else body
-    if isinstance(detail, list):  # FastAPI validation errors
-        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail
-                         if isinstance(d, dict))
-    return str(detail)
+    # Every error of the service is an ErrorBody: {"detail": "<reason>"}.
+    return str(body.get("detail") if isinstance(body, dict) else body)
 
 
 def _reason(exc: httpx.HTTPError) -> str:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
-from ingest.settings import Settings
+from ingest.settings import REPO_ROOT, Settings
 from ui.client import ServiceClient
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REPORTS_DIR = REPO_ROOT / "reports"
 # The first user of the bundled interactions: `make demo` replays their books early, so the page
 # opens on a real profile; while it is not there yet the service answers with its cold-start list.

@@ -1,6 +1,6 @@
 """The encoder worker: item events in, embeddings into Redis and onto `item-embeddings`.
 
-`python -m encoder.worker` joins the `encoder-workers` consumer group on `item-events` (several
+`python -m recommender.worker` joins the `encoder-workers` consumer group on `item-events` (several
 workers share the partitions) and loops over micro-batches:
 
 1. poll until `max_batch` events or `max_wait_ms` after the first one (batch efficiency under
@@ -16,15 +16,15 @@ workers share the partitions) and loops over micro-batches:
    second application a no-op in effect.
 
 Redis going away makes the worker wait and retry the same batch; nothing is committed meanwhile.
-SIGTERM finishes the batch in hand, commits, and exits. The same process runs the profile updater
-(`recommender.profiles`) on `user-events` unless `--no-profiles`.
+SIGTERM finishes the batch in hand, commits, and exits; with Redis or the broker away it leaves the
+batch in hand uncommitted instead (processed again after a restart) and still exits within 10 s:
+no wait for a dependency is unbounded once the worker is stopping. The same process runs the
+profile updater (`recommender.profiles`) on `user-events` unless `--no-profiles`.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import logging
 import signal
 import threading
@@ -34,31 +34,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from encoder.loading import Encoder
+from encoder import Encoder, load_encoder
 from ingest.eventlog import Delivery, EventConsumer, EventLog, Record, ensure_topics, open_event_log
-from ingest.schema import ItemDelete, ItemUpsert
+from ingest.schema import ItemChange, ItemDelete, ItemUpsert, change_to_json
 from ingest.settings import Settings, add_settings_flags, settings_from_args
-from recommender.store import ItemChange, Store, open_redis, retry_while_unavailable, wait_for_redis
+from recommender.stopping import StopRequested, abort_on_signal
+from recommender.store import Store, open_redis, retry_while_unavailable, wait_for_redis
 
-log = logging.getLogger("encoder.worker")
+log = logging.getLogger("recommender.worker")
 WORKER_GROUP = "encoder-workers"
 MAX_UNCONFIRMED = 4  # batches whose publishes may await acknowledgement (bounded memory)
-
-
-def change_to_json(change: ItemChange) -> bytes:
-    """The `item-embeddings` message: the change, embedding as base64 float32."""
-    payload = {"item_id": change.item_id, "ts": change.ts, "event_id": change.event_id,
-               "deleted": change.deleted}
-    if change.embedding is not None:
-        payload["embedding"] = base64.b64encode(np.asarray(change.embedding, np.float32).tobytes()).decode()
-    return json.dumps(payload).encode()
-
-
-def change_from_json(value: bytes) -> ItemChange:
-    data = json.loads(value)
-    emb = data.get("embedding")
-    return ItemChange(data["item_id"], float(data["ts"]), data["event_id"], bool(data["deleted"]),
-                      None if emb is None else np.frombuffer(base64.b64decode(emb), dtype=np.float32))
+SETTLE_WAIT_S = 1.0  # longest one wait for acknowledgements lasts before `stop` is checked again
+SHUTDOWN_WAIT_S = 2.0  # for the last acknowledgements, and for the profile updater, on the way out
 
 
 @dataclass
@@ -83,6 +70,7 @@ class EncoderWorker:
         self.stats = WorkerStats()
         # (records polled for a batch, deliveries of its publishes), oldest first.
         self._unconfirmed: deque[tuple[list[Record], list[Delivery]]] = deque()
+        self._stop = threading.Event()  # run()'s, so that the waits of process() can see it
 
     def next_batch(self, stop: threading.Event) -> list[tuple[Record, ItemUpsert | ItemDelete]]:
         """Waits for a first event, then at most max_wait_ms for the batch to fill."""
@@ -116,25 +104,33 @@ class EncoderWorker:
             seen = newest.get(event.item_id)
             if seen is None or (event.ts, event.event_id) >= (seen.ts, seen.event_id):
                 newest[event.item_id] = event
-        changes = retry_while_unavailable(self.store, lambda: self._write(list(newest.values())), log, "the batch")
+        changes = retry_while_unavailable(self.store, lambda: self._write(list(newest.values())), log,
+                                          "the batch", self._stop)
         deliveries = [self.producer.send(self.settings.topic_item_embeddings, change_to_json(change),
                                          key=change.item_id) for change in changes]
         self._unconfirmed.append((self.consumer.take_polled(), deliveries))
-        self.settle(block=len(self._unconfirmed) > MAX_UNCONFIRMED)
+        self.settle(block=False)
+        while len(self._unconfirmed) > MAX_UNCONFIRMED:  # bounded memory: wait for the oldest
+            if self._stop.is_set():
+                raise StopRequested("stopping while publishes to the broker await acknowledgement")
+            self.settle(block=True)
         self.stats.batches += 1
         self.stats.applied += len(changes)
         self.stats.batch_sizes.append(len(batch))
         del self.stats.batch_sizes[:-1000]  # bounded history
         return changes
 
-    def settle(self, block: bool) -> None:
+    def settle(self, block: bool, wait_s: float = SETTLE_WAIT_S) -> None:
         """Commits the offsets of every leading batch whose publishes are all acknowledged.
 
-        `block` waits for every publish first (a full window, idle time, shutdown). A failed
-        publish raises: its offsets stay uncommitted, so the batch is processed again.
+        `block` first waits up to `wait_s` for every publish (a full window, idle time, shutdown).
+        A failed publish raises: its offsets stay uncommitted, so the batch is processed again.
         """
         if block:
-            self.producer.flush()  # raises if a record could not be delivered
+            try:
+                self.producer.flush(wait_s)  # raises if a record could not be delivered
+            except TimeoutError:
+                pass  # the broker is slow or away: what is acknowledged so far is committed below
         ready: list[Record] = []
         while self._unconfirmed and all(d.done() for d in self._unconfirmed[0][1]):
             records, deliveries = self._unconfirmed.popleft()
@@ -162,17 +158,30 @@ class EncoderWorker:
             [(e, embeddings.get(e.item_id) if isinstance(e, ItemUpsert) else None) for e in current])
 
     def run(self, stop: threading.Event) -> None:
-        """Loops until `stop` is set; the batch in hand is always finished and committed."""
-        while not stop.is_set():
-            batch = self.next_batch(stop)
-            if batch:
-                self.process(batch)
-        self.settle(block=True)
+        """Loops until `stop` is set. The batch in hand is finished and committed, unless Redis
+        or the broker is away: then it is left uncommitted, to be processed again."""
+        self._stop = stop
+        try:
+            while not stop.is_set():
+                batch = self.next_batch(stop)
+                if batch:
+                    self.process(batch)
+        except StopRequested as exc:
+            log.warning("%s: the batch in hand is left uncommitted", exc)
+            self.consumer.take_polled()  # never committed by the settle below
+        self.settle(block=True, wait_s=SHUTDOWN_WAIT_S)
 
     def close(self) -> None:
-        self.consumer.close()
-        self.producer.flush()
-        self.producer.close()
+        """Leaves the group and closes the producer, each within the event log's close timeout.
+
+        A publish still unacknowledged then is dropped, which loses nothing: the batch it belongs
+        to was not committed, so it is processed again.
+        """
+        for part in (self.consumer, self.producer):
+            try:
+                part.close()
+            except Exception as exc:  # whatever the log raises for undelivered records: logged, not fatal
+                log.warning("closing %s: %s", type(part).__name__, exc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,34 +191,40 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from_args(args)
-    # First of all: a SIGTERM during start-up (model loading) must also end the worker cleanly.
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     if settings.embedded_log or settings.embedded_store:
         parser.error("the worker process needs TERNREC_KAFKA_BOOTSTRAP and TERNREC_REDIS_URL "
                      "(embedded mode runs it inside `make demo`)")
-    from encoder.loading import load_encoder, resolve_encoder_spec
     from recommender.profiles import ProfileUpdater
 
+    # A SIGTERM during start-up (broker or Redis not there yet, model loading) ends the worker at
+    # once (recommender.stopping); once it runs, a SIGTERM sets `stop` and the loops finish.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     event_log = open_event_log(settings)
-    ensure_topics(event_log, settings)
-    store = Store(open_redis(settings.redis_url))
-    wait_for_redis(store)
-    encoder = load_encoder(resolve_encoder_spec(settings.encoder))
-    log.info("encoder %s (dim %d) loaded", encoder.name, encoder.dim)
-    threads = []
-    if not args.no_profiles:
-        updater = ProfileUpdater(event_log, store, settings)
-        threads.append(threading.Thread(target=updater.run, args=(stop,), name="profiles", daemon=True))
-    worker = EncoderWorker(event_log, store, encoder, settings)
+    try:
+        with abort_on_signal():
+            ensure_topics(event_log, settings)
+            store = Store(open_redis(settings.redis_url))
+            wait_for_redis(store)
+            encoder = load_encoder(settings.resolved_encoder)
+            log.info("encoder %s (dim %d) loaded", encoder.name, encoder.dim)
+            threads = []
+            if not args.no_profiles:
+                updater = ProfileUpdater(event_log, store, settings)
+                threads.append(threading.Thread(target=updater.run, args=(stop,), name="profiles", daemon=True))
+            worker = EncoderWorker(event_log, store, encoder, settings)
+    except StopRequested as exc:
+        log.info("%s", exc)
+        event_log.close()
+        return
     log.info("consuming %s in group %s", settings.topic_item_events, WORKER_GROUP)
     for t in threads:
         t.start()
     worker.run(stop)
     worker.close()
     for t in threads:
-        t.join(timeout=10)
+        t.join(timeout=SHUTDOWN_WAIT_S)
     event_log.close()
     log.info("stopped after %d batches, %d items encoded", worker.stats.batches, worker.stats.encoded)
 
