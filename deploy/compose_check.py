@@ -40,13 +40,13 @@ from deploy.probes import (
     wait_for,
 )
 from deploy.wheelhouse import prepare_wheelhouse, serve, wheelhouse_dir
+from recommender.worker import WORKER_GROUP
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "ternrec-check"
 FILES = (REPO / "docker-compose.yml", REPO / "deploy" / "compose.check.yml")
 LOG_DIR = Path.home() / ".cache" / "ternrec" / "compose-check"
 MERGED = LOG_DIR / "compose.merged.yml"
-WORKER_GROUP = "encoder-workers"
 NEW_ITEMS = 1500  # posted during the worker-kill step
 
 
