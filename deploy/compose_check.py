@@ -47,7 +47,7 @@ PROJECT = "ternrec-check"
 FILES = (REPO / "docker-compose.yml", REPO / "deploy" / "compose.check.yml")
 LOG_DIR = Path.home() / ".cache" / "ternrec" / "compose-check"
 MERGED = LOG_DIR / "compose.merged.yml"
-NEW_ITEMS = 1500  # posted during the worker-kill step
+NEW_ITEMS = 2000  # posted during the worker-kill step
 
 
 def log(message: str) -> None:
