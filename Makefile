@@ -10,7 +10,7 @@ PACKAGE_SOURCES := pyproject.toml $(wildcard setup.py) $(wildcard encoder/kernel
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test stack bench lint install install-core system-deps kafka-jars browser-deps bench-deps clean
+.PHONY: demo test stack bench compose-check lint install install-core system-deps kafka-jars browser-deps bench-deps docker-deps clean
 
 demo: install-core
 	$(BIN)/python -m recommender.demo
@@ -24,6 +24,10 @@ stack: install-core system-deps kafka-jars
 
 bench: install system-deps kafka-jars bench-deps
 	$(BIN)/python -m bench.run
+
+# docker-compose.yml built and run for real: a private dockerd, loopback only (deploy/compose_check.py).
+compose-check: install kafka-jars docker-deps
+	$(BIN)/python -m deploy.compose_check
 
 lint: install
 	$(BIN)/ruff check .
@@ -70,6 +74,18 @@ browser-deps:
 # wrk, the HTTP load generator of the pipeline benchmark, only when missing.
 bench-deps:
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+
+# Debian's Docker engine and Compose, debootstrap (local base images) and iproute2, only when missing.
+docker-deps:
+	@missing=""; \
+	command -v dockerd >/dev/null || missing="$$missing docker.io"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

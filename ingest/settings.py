@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the app's one; resources beside the code
@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     http_workers: int = Field(1, ge=1, le=64, description="recommender processes serving the HTTP port")
     ui_port: int = Field(8501, ge=0, le=65535, description="Streamlit UI port")
     service_url: str = Field("", description="recommender URL the UI calls (default: from host/port)")
+    api_key: SecretStr = Field(SecretStr(""), description="write key: when set, POST /events needs "
+                                                           "'Authorization: Bearer <key>' (reads stay open)")
 
     # Model: a sentence-transformers name/path or a packed ternary model directory.
     # Empty = the bundled ternary model when present, else the full-precision default.

@@ -21,6 +21,7 @@ by the core, so the response model's validation is skipped there.
 """
 
 import argparse
+import hmac
 import json
 import logging
 import os
@@ -157,7 +158,8 @@ def _where(loc: tuple) -> str:
     return ".".join(parts) or "request"
 
 
-def create_app(recommender: Recommender) -> FastAPI:
+def create_app(recommender: Recommender, write_key: str = "") -> FastAPI:
+    """The routes over `recommender`; a non-empty `write_key` guards POST /events (reads stay open)."""
     app = FastAPI(title="ternrec recommender", version="0.1.0")
     max_body = recommender.limits.max_event_bytes
 
@@ -174,6 +176,15 @@ def create_app(recommender: Recommender) -> FastAPI:
             if len(body) > max_body:
                 raise HTTPException(413, f"event is over the limit of {max_body} bytes")
         return bytes(body)
+
+    def write_access(request: Request) -> None:
+        """401 unless the request carries the write key (constant-time comparison)."""
+        if not write_key:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), write_key.encode()):
+            raise HTTPException(401, "writes need the API key: Authorization: Bearer <TERNREC_API_KEY>",
+                                headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/items/{item_id}/similar", response_model=Results, operation_id="similar_items",
              responses={**_errors(404, 422), **UNAVAILABLE})
@@ -196,7 +207,9 @@ def create_app(recommender: Recommender) -> FastAPI:
         return rec.recommend(user_id, k).to_dict()
 
     @app.post("/events", status_code=202, response_model=Accepted, operation_id="post_event",
-              responses={**_errors(413, 422), **UNAVAILABLE, 202: {"links": _event_links()}},
+              dependencies=[Depends(write_access)],
+              responses={**_errors(*((401,) if write_key else ()), 413, 422), **UNAVAILABLE,
+                         202: {"links": _event_links()}},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": {"$ref": "#/components/schemas/Event"}, "examples": EVENT_EXAMPLES}}}})
     def events(rec: Core, body: Annotated[bytes, Depends(event_bytes)]):
@@ -275,9 +288,10 @@ def app_from_environment() -> FastAPI:
 
     from recommender.runtime import Runtime
 
+    settings = Settings()
     try:
         with abort_on_signal():  # uvicorn only watches its signals once the app is loaded
-            runtime = Runtime(Settings())
+            runtime = Runtime(settings)
             runtime.start()
     except StopRequested as exc:
         log.info("%s: not started", exc)
@@ -289,7 +303,7 @@ def app_from_environment() -> FastAPI:
         yield
         runtime.stop()
 
-    app = create_app(runtime.recommender)
+    app = create_app(runtime.recommender, write_key=settings.api_key.get_secret_value())
     app.router.lifespan_context = lifespan
     return app
 

@@ -1,8 +1,10 @@
-"""docker-compose.yml checked against the app, without a Docker engine.
+"""docker-compose.yml checked against the app, without a Docker engine (`make compose-check` runs it).
 
 Parses the compose file (PyYAML), interpolates it with .env.example the way `docker compose` does,
 and checks it against ingest/settings.py and the code it runs: service names, ports, every TERNREC_*
-variable, the commands' modules and flags, healthchecks, depends_on conditions, a scalable worker.
+variable, the commands' modules and flags, healthchecks, depends_on conditions, a scalable worker;
+the check's override (deploy/compose.check.yml) against the same; the stand-in Kafka image's
+configuration through Kafka's own KafkaDockerWrapper, with the compose file's environment.
 """
 
 import contextlib
@@ -10,11 +12,15 @@ import importlib.util
 import io
 import os
 import re
+import socket
+import subprocess
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
+from deploy.probes import CheckFailed, ContainerEvent, EventRecorder, verify_start_order
+from ingest.services import fetch_kafka_jars, kafka_jars_ready
 from ingest.settings import KAFKA_VERSION, REPO_ROOT, Settings
 
 COMPOSE_TEXT = (REPO_ROOT / "docker-compose.yml").read_text()
@@ -74,7 +80,7 @@ def test_services_and_volumes(compose):
     assert any(v.endswith(f":{data_dir}") and v.split(":")[0] in compose["volumes"] for v in kafka["volumes"])
     assert any(v.split(":")[0] in compose["volumes"] and v.endswith(":/data") for v in redis["volumes"])
     for service in APP_SERVICES:
-        assert compose["services"][service]["build"] == "."
+        assert compose["services"][service]["build"]["context"] == "."
 
 
 def test_every_ternrec_variable_is_a_setting():
@@ -104,10 +110,14 @@ def test_app_settings_in_containers(compose, monkeypatch):
 def test_ports_and_service_url(compose, monkeypatch):
     services = compose["services"]
     rec = settings_of(compose, "recommender", monkeypatch)
-    assert services["recommender"]["ports"] == [f"{rec.http_port}:{rec.http_port}"]
+    assert services["recommender"]["ports"] == [f"127.0.0.1:{rec.http_port}:{rec.http_port}"]  # loopback by default
     assert str(rec.http_port) == ENV_EXAMPLE["TERNREC_HTTP_PORT"]
     ui = settings_of(compose, "ui", monkeypatch)
-    assert services["ui"]["ports"] == [f"{ui.ui_port}:{ui.ui_port}"]
+    assert services["ui"]["ports"] == [f"127.0.0.1:{ui.ui_port}:{ui.ui_port}"]
+    opened = interpolate(yaml.safe_load(COMPOSE_TEXT), {**ENV_EXAMPLE, "PUBLISH_ADDR": "0.0.0.0"})["services"]
+    assert opened["recommender"]["ports"] == [f"0.0.0.0:{rec.http_port}:{rec.http_port}"]
+    assert opened["ui"]["ports"] == [f"0.0.0.0:{ui.ui_port}:{ui.ui_port}"]
+    assert app_env(compose, "ui")["STREAMLIT_SERVER_ADDRESS"] == "0.0.0.0"  # inside its container
     assert "--server.port \"$TERNREC_UI_PORT\"" in services["ui"]["command"][-1]
     assert ui.resolved_service_url == f"http://recommender:{rec.http_port}"
     health = services["recommender"]["healthcheck"]["test"][-1]
@@ -184,10 +194,111 @@ def test_topic_init_and_ui_commands(compose, monkeypatch, capsys):
     assert (REPO_ROOT / script).is_file()  # the image's WORKDIR is a copy of the repository
 
 
-def test_dockerfile_and_env_file():
+def test_dockerfile_and_env_file(compose):
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
-    assert "download.pytorch.org/whl/cpu" in dockerfile and "pip install ." in dockerfile
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)", dockerfile, re.M))
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim" and args["PYTHON_BUILD_IMAGE"] == "python:3.11"
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${PYTHON_BUILD_IMAGE}", "${PYTHON_IMAGE}"]
+    for service in APP_SERVICES:  # compose passes the same defaults
+        build_args = compose["services"][service]["build"]["args"]
+        assert build_args == {k: args[k] for k in ("PYTHON_BUILD_IMAGE", "PYTHON_IMAGE")}
+    # Only the ordinary index (or the wheelhouse the check passes): no apt, no other index, no torch pin.
+    assert "apt-get install" not in dockerfile and "--index-url" not in dockerfile and "torch" not in dockerfile
+    assert "pip wheel --no-deps" in dockerfile and "pip install -r" in dockerfile
     assert ".env" in (REPO_ROOT / ".dockerignore").read_text().split()  # no secrets in the image
     required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE_TEXT))
     assert required <= {k for k, v in ENV_EXAMPLE.items() if v}, "every required variable has an example"
+
+
+# --------------------------------------------------------------------------- make compose-check
+
+CHECK_TEXT = (REPO_ROOT / "deploy" / "compose.check.yml").read_text()
+CHECK_VARIABLES = {"REDIS_PASSWORD": "pw", "TERNREC_HTTP_PORT": "18000",
+                   **{name: "10000" for name in re.findall(r"CHECK_\w+", CHECK_TEXT)}}
+CHECK_OVERRIDE = interpolate(yaml.safe_load(CHECK_TEXT), CHECK_VARIABLES)
+
+
+def test_check_override_keeps_everything_on_loopback():
+    services = CHECK_OVERRIDE["services"]
+    assert set(services) == SERVICES
+    assert all(s["network_mode"] == "host" for s in services.values())  # the check's namespace: loopback only
+    for name in APP_SERVICES:
+        env = services[name]["environment"]
+        assert env["TERNREC_HTTP_HOST"] == "127.0.0.1"
+        for url in (env["TERNREC_KAFKA_BOOTSTRAP"], env["TERNREC_REDIS_URL"], env["TERNREC_SERVICE_URL"]):
+            assert urlparse(url if "://" in url else f"kafka://{url}").hostname == "127.0.0.1", url
+        assert services[name]["build"]["args"]["PIP_NO_INDEX"] == "1"  # offline: the loopback wheelhouse only
+    assert services["ui"]["environment"]["STREAMLIT_SERVER_ADDRESS"] == "127.0.0.1"
+    kafka = services["kafka"]["environment"]
+    for listener in kafka["KAFKA_LISTENERS"].split(",") + kafka["KAFKA_ADVERTISED_LISTENERS"].split(","):
+        assert urlparse(listener).hostname == "127.0.0.1", listener
+    assert "--bind 127.0.0.1" in services["redis"]["command"][-1]
+    check = (REPO_ROOT / "deploy" / "compose_check.py").read_text()
+    for name in set(re.findall(r"\$\{(CHECK_[A-Z_]+)", CHECK_TEXT)):
+        assert f'"{name}"' in check, f"{name} is not set by deploy/compose_check.py"
+
+
+def test_kafka_stand_in_reads_the_compose_environment(compose, tmp_path):
+    """deploy/images/kafka configures the broker as apache/kafka does: Kafka's own KafkaDockerWrapper
+    turns the compose file's KAFKA_* variables into server.properties and formats the log dir."""
+    settings = Settings()
+    if not kafka_jars_ready(settings):
+        fetch_kafka_jars(settings)
+    env = {k: str(v) for k, v in compose["services"]["kafka"]["environment"].items()}
+    env["KAFKA_LOG_DIRS"] = str(tmp_path / "data")
+    defaults = REPO_ROOT / "deploy" / "images" / "kafka" / "docker"
+    (tmp_path / "mounted").mkdir()
+    (tmp_path / "final").mkdir()
+    proc = subprocess.run(
+        ["java", "-Xmx128m", "-cp", f"{settings.kafka_home / 'libs'}/*",
+         f"-Dlog4j.configuration=file:{defaults / 'tools-log4j.properties'}",
+         "kafka.docker.KafkaDockerWrapper", "setup",
+         "--default-configs-dir", str(defaults), "--mounted-configs-dir", str(tmp_path / "mounted"),
+         "--final-configs-dir", str(tmp_path / "final")],
+        env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    props = dict(line.split("=", 1) for line in (tmp_path / "final" / "server.properties").read_text().splitlines()
+                 if "=" in line)
+    assert props["process.roles"] == "broker,controller" and props["node.id"] == "1"
+    assert props["advertised.listeners"] == "PLAINTEXT://kafka:9092"
+    assert props["num.partitions"] == ENV_EXAMPLE["TERNREC_PARTITIONS"]
+    assert props["auto.create.topics.enable"] == "false"
+    meta = (tmp_path / "data" / "meta.properties").read_text()
+    assert f"cluster.id={env['CLUSTER_ID']}" in meta  # formatted with the compose file's cluster id
+    for name in ("log4j.properties", "tools-log4j.properties"):
+        assert (tmp_path / "final" / name).is_file()
+
+
+def _recorder(*events: tuple[float, str, str, int | None]) -> EventRecorder:
+    recorder = EventRecorder(engine=None, project="test")
+    recorder.events = [ContainerEvent(int(t * 1e9), action, service, service, code)
+                       for t, action, service, code in events]
+    return recorder
+
+
+def test_start_order_is_read_from_the_events():
+    depends_on = {"worker": {"topic-init": {"condition": "service_completed_successfully"},
+                             "redis": {"condition": "service_healthy"}}}
+    held = _recorder((1, "start", "redis", None), (2, "health_status: healthy", "redis", None),
+                     (3, "start", "topic-init", None), (4, "die", "topic-init", 0), (5, "start", "worker", None))
+    assert len(verify_start_order(held, depends_on, since=0)) == 2
+    failed_init = _recorder((2, "health_status: healthy", "redis", None), (4, "die", "topic-init", 1),
+                            (5, "start", "worker", None))
+    with pytest.raises(CheckFailed, match="never reached service_completed_successfully"):
+        verify_start_order(failed_init, depends_on, since=0)
+    early = _recorder((2, "health_status: healthy", "redis", None), (1, "start", "worker", None),
+                      (4, "die", "topic-init", 0), (6, "start", "worker", None))
+    with pytest.raises(CheckFailed, match="before topic-init"):
+        verify_start_order(early, depends_on, since=0)
+
+
+def test_listening_addresses_are_decoded_from_proc():
+    from deploy.probes import _decode_address, listening_addresses
+
+    assert _decode_address("0100007F", 8) == "127.0.0.1"
+    assert _decode_address("0000000000000000FFFF00000100007F", 32) == "127.0.0.1"  # IPv4-mapped, as Java binds
+    assert _decode_address("00000000000000000000000001000000", 32) == "::1"
+    with socket.socket() as listener:  # a real one, seen by the same reader the check uses
+        listener.bind(("127.0.0.2", 0))
+        listener.listen()
+        assert "127.0.0.2" in listening_addresses()

@@ -30,9 +30,10 @@ class NotFound(ServiceError):
 
 
 class ServiceClient:
-    def __init__(self, base_url: str, timeout: httpx.Timeout = TIMEOUT):
+    def __init__(self, base_url: str, timeout: httpx.Timeout = TIMEOUT, api_key: str = ""):
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._write_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     # -- queries --------------------------------------------------------------------------------
     def recommendations(self, user_id: str, k: int = 10) -> dict:
@@ -62,7 +63,7 @@ class ServiceClient:
 
     # -- events ---------------------------------------------------------------------------------
     def send_event(self, event: dict[str, Any]) -> dict:
-        return self._request("POST", "/events", json=event).json()
+        return self._request("POST", "/events", json=event, headers=self._write_headers).json()
 
     def interaction(self, user_id: str, item_id: str, kind: str = "want_to_read") -> dict:
         return self.send_event({"type": "interaction", "user_id": user_id, "item_id": item_id, "kind": kind})

@@ -18,12 +18,13 @@ def service_url() -> str:
 
 
 @st.cache_resource(show_spinner=False)
-def _client_for(url: str) -> ServiceClient:
-    return ServiceClient(url)
+def _client_for(url: str, api_key: str) -> ServiceClient:
+    return ServiceClient(url, api_key=api_key)
 
 
 def client() -> ServiceClient:
-    return _client_for(service_url())
+    settings = Settings()
+    return _client_for(settings.resolved_service_url, settings.api_key.get_secret_value())
 
 
 @st.cache_resource(show_spinner=False)
