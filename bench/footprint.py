@@ -27,7 +27,8 @@ CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec")
 
 
 def measure(model: Path, storages: list[str]) -> dict:
-    from encoder.evaluate import catalog_texts, neighbour_recall
+    from encoder.data import catalog_texts
+    from encoder.evaluate import neighbour_recall
     from encoder.loading import default_base_model
     from encoder.ternary_model import convert_token_embedding, load_ternary_encoder, model_file_bytes
 
