@@ -140,8 +140,9 @@ def torch_int8(base: str, threads: int = THREADS):
     torch.set_num_threads(threads)
     enc = SentenceTransformerEncoder(base)
     enc.model.eval()
-    module = enc.model[0]
-    module.auto_model = quantize_dynamic(module.auto_model, {torch.nn.Linear}, dtype=torch.qint8)
+    # In place: `auto_model` is a read-only property of the sentence-transformers module, and assigning
+    # it registers a new submodule the forward never calls (the float model would keep running).
+    quantize_dynamic(enc.model[0].auto_model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     enc.name = "torch-int8"
     enc.cache_key = f"torch-int8:qint8-dynamic:torch-{torch.__version__}:" + model_fingerprint(base)
     return enc

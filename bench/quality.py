@@ -158,7 +158,7 @@ def run_init(args) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from encoder.calibration import fit_ternary
+    from encoder.calibration import fit_ternary, stages_of
     from encoder.evaluate import CHEAP_TASKS, evaluate_encoder, full_precision
     from encoder.loading import SentenceTransformerEncoder
     from encoder.ternary import ternarize_model
@@ -166,13 +166,15 @@ def run_init(args) -> None:
     torch.set_num_threads(2)
     base, _, batches = calibration_setup(args.calib_texts)
     fp, fp_key = full_precision(base)
-    rows = {}
-    for method in args.methods.split(","):
+    rows = json.loads(INIT.read_text())["methods"] if INIT.is_file() else {}  # re-measured rows replaced
+    for method in args.methods.split(","):  # e.g. "gptq" (stage by stage) or "gptq-block"
         start = loadavg()
         student = ternarize_model(SentenceTransformer(base, device="cpu"), "row_opt+learn")
         hf = student[0].auto_model.eval()
         t0 = time.perf_counter()
-        errs = fit_ternary(hf, lambda b, hf=hf: hf(**b), batches, method=method) if method != "row_opt" else {}
+        fit, _, per = method.partition("-")
+        errs = fit_ternary(hf, lambda b, hf=hf: hf(**b), batches, method=fit,
+                           stages=stages_of(hf, per=per or "stage")) if fit != "row_opt" else {}
         fit_s = time.perf_counter() - t0
         result = evaluate_encoder(SentenceTransformerEncoder.from_model(student, f"untrained {method}"), fp,
                                   tuple(args.tasks.split(",") if args.tasks else CHEAP_TASKS), args.data,
@@ -359,7 +361,8 @@ def main() -> None:
     s.add_argument("--group", type=int, default=64)
     s.add_argument("--calib-texts", type=int, default=512)
     i = sub.add_parser("init", help="untrained students after each initialisation")
-    i.add_argument("--methods", default="row_opt,grid,gptq")
+    i.add_argument("--methods", default="row_opt,grid,grid-block,gptq,gptq-block",
+                   help="row_opt (weight space, no fit), grid or gptq, stage by stage or with -block")
     i.add_argument("--calib-texts", type=int, default=512)
     i.add_argument("--tasks", default="")
     a = sub.add_parser("ablations", help="collect short distillation runs")

@@ -35,9 +35,10 @@ class _StageDone(Exception):
     """Raised by a hook once a stage's inputs are collected: the rest of the forward is not needed."""
 
 
-def stages_of(model: nn.Module, block_prefix: str = "encoder.layer") -> list[list[str]]:
-    """The fitting order: BERT blocks split into their four stages; any other model, one stage per
-    direct child holding TernaryLinears (in module order)."""
+def stages_of(model: nn.Module, block_prefix: str = "encoder.layer", per: str = "stage") -> list[list[str]]:
+    """The fitting order: BERT blocks split into their four stages (per="block": one stage per block,
+    every Linear of it fitted on inputs collected before any of them is); any other model, one stage
+    per direct child holding TernaryLinears (in module order)."""
     names = [n for n, _ in ternary_layers(model)]
     stages: list[list[str]] = []
     blocks = sorted({int(n[len(block_prefix) + 1:].split(".")[0]) for n in names
@@ -45,7 +46,9 @@ def stages_of(model: nn.Module, block_prefix: str = "encoder.layer") -> list[lis
     for b in blocks:
         for stage in BERT_STAGES:
             found = [f"{block_prefix}.{b}.{s}" for s in stage if f"{block_prefix}.{b}.{s}" in names]
-            if found:
+            if found and per == "block" and stages and stages[-1][0].startswith(f"{block_prefix}.{b}."):
+                stages[-1] += found
+            elif found:
                 stages.append(found)
     covered = {n for s in stages for n in s}
     rest = [n for n in names if n not in covered and not n.startswith("pooler")]

@@ -63,6 +63,7 @@ config = dict(
     scheme="row_opt+learn",      # see encoder/ternary.py
     scale_group=0,               # >0: one scale per this many inputs (float ablation; cannot export)
     init="gptq",                 # gptq | grid | none: activation-aware fit before training
+    init_stages="stage",         # stage: Q/K/V, attn out, FFN up, FFN down in turn; block: whole blocks
     calib_texts=512,
     run="runs/distill",          # checkpoints + logs (git-ignored)
     out_dir="models/ternary-minilm",
@@ -296,7 +297,7 @@ def main(argv=None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a redirected log at once
     from sentence_transformers import SentenceTransformer
 
-    from encoder.calibration import fit_ternary
+    from encoder.calibration import fit_ternary, stages_of
     from encoder.embedding_cache import model_fingerprint
     from encoder.loading import default_base_model
 
@@ -335,7 +336,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         batches = calibration_batches(pool, targets, cfg["calib_texts"], cfg["seed"])
         student.eval()
-        errs = fit_ternary(student, lambda b: student(**b), batches, method=cfg["init"])
+        errs = fit_ternary(student, lambda b: student(**b), batches, method=cfg["init"],
+                           stages=stages_of(student, per=cfg["init_stages"]))
         print(f"init {cfg['init']} on {cfg['calib_texts']} texts: mean relative output error "
               f"{sum(errs.values()) / len(errs):.4f} ({time.perf_counter() - t0:.0f} s)")
     trainable = [p for p in student.parameters() if p.requires_grad]

@@ -58,16 +58,18 @@ def pad_batch(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TeacherTargets:
-    """Read side of a built directory (memory-mapped: the OS pages the hidden states in as used)."""
+    """Read side of a built directory. The hidden states are read into memory once (~4.5 GB for the
+    default pool in float16): memory-mapped, a step after the page cache was evicted waited seconds
+    on scattered disk reads (measured: 0.1 steps/s for the first 3 minutes of a run)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, in_memory: bool = True):
         self.directory = Path(directory)
         self.meta = json.loads((self.directory / "meta.json").read_text())
         self.tokens = np.load(self.directory / "tokens.npy", mmap_mode="r")
         self.offsets = np.load(self.directory / "offsets.npy")
         self.pooled = np.load(self.directory / "pooled.npy")
         hidden = self.directory / "hidden.npy"
-        self.hidden = np.load(hidden, mmap_mode="r") if hidden.is_file() else None
+        self.hidden = np.load(hidden, mmap_mode=None if in_memory else "r") if hidden.is_file() else None
         self.lengths = np.diff(self.offsets)
 
     def __len__(self) -> int:
