@@ -14,14 +14,13 @@ Indexes (inner product on L2-normalized vectors, 2 threads):
 Speed: the encoder's per-query time at batch 1 (median) plus each index's single-query search time
 (median, 1 FAISS thread as the recommender runs it; builds use 2); queries/s = 1 / (encode + search).
 Index bytes = faiss.serialize_index size.
-Corpus embeddings are cached (.npy; full precision in runs/eval_cache shared with encoder.evaluate,
-ternary under ~/.cache/ternrec/ann keyed by the model file's sha256).
+Corpus embeddings come from the one embedding cache (encoder/embedding_cache.py: keyed by the model
+files' content and the texts), shared with `python -m bench.quality`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -33,8 +32,8 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec")) / "ann"
+from bench.report import BENCHMARKS, REPO, REPORTS
+
 THREADS = 2
 K = 10
 INDEXES = ("flat", "hnsw", "ivf", "hnsw_sq8")
@@ -124,54 +123,37 @@ def median_encode_ms(encoder, texts: list[str], reps: int = 50) -> float:
     return float(np.median(ts) * 1e3)
 
 
-def cached_embeddings(encoder, texts: list[str], tag: str, key: str) -> np.ndarray:
-    h = hashlib.sha256(("\n".join(texts) + "\x00" + key).encode()).hexdigest()[:16]
-    path = CACHE / f"{tag}-{h}.npy"
-    if path.is_file():
-        return np.load(path, allow_pickle=False)
-    emb = encoder.encode(texts, batch_size=32)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path, emb, allow_pickle=False)
-    return emb
-
-
-def file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def run(args) -> dict:
     import faiss
     import torch
 
-    from encoder.evaluate import DEFAULT_SCIFACT, catalog_texts, encode_cached, read_scifact
-    from encoder.loading import default_base_model, load_encoder
+    from encoder.data import catalog_texts, default_data_dir, read_scifact
+    from encoder.embedding_cache import encode_cached, model_fingerprint
+    from encoder.evaluate import full_precision
+    from encoder.loading import load_encoder
 
     torch.set_num_threads(THREADS)
     faiss.omp_set_num_threads(THREADS)
-    base = default_base_model()
-    fp = load_encoder(base)
-    fp.name = "full-precision:" + Path(base).name  # the key encoder.evaluate caches under
+    fp, fp_key = full_precision()
     tern = load_encoder(args.ternary)
-    tkey = "ternary:" + file_sha(Path(args.ternary) / "model.safetensors")
+    tkey = f"ternary:{tern.backend}:" + model_fingerprint(args.ternary)  # as bench.quality keys it
 
-    doc_ids, docs, qids, queries, qrels = read_scifact(DEFAULT_SCIFACT)
+    doc_ids, docs, qids, queries, qrels = read_scifact(args.data or default_data_dir())
     item_ids, item_texts, _ = catalog_texts()
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(len(item_texts), size=args.catalog_queries, replace=False))
     sample_texts = [item_texts[i] for i in sample]
 
-    def corpus(model, texts, tag):
-        if model is fp:
-            return encode_cached(fp, texts, tag, True)
-        return cached_embeddings(tern, texts, tag, tkey)
+    def corpus(model, texts):
+        return encode_cached(model, texts, fp_key if model is fp else tkey)
 
     emb = {}
     for label, model in (("full precision", fp), ("ternary", tern)):
         print(f"encoding corpora with {label} ...", flush=True)
         emb[label] = {
-            "scifact_docs": corpus(model, docs, "scifact-corpus"),
-            "scifact_queries": corpus(model, queries, "scifact-test-queries"),
-            "catalog": corpus(model, item_texts, "catalog"),
+            "scifact_docs": corpus(model, docs),
+            "scifact_queries": corpus(model, queries),
+            "catalog": corpus(model, item_texts),
             # Queries are encoded from text, as a new item would be (not read back from the index).
             "catalog_queries": model.encode(sample_texts, batch_size=32),
         }
@@ -271,11 +253,12 @@ def main() -> None:
     from bench.report import update_section
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ternary", default=str(REPO_ROOT / "models" / "ternary-minilm"))
+    p.add_argument("--ternary", default=str(REPO / "models" / "ternary-minilm"))
+    p.add_argument("--data", type=Path, default=None, help="shared data directory")
     p.add_argument("--catalog-queries", type=int, default=1000)
     p.add_argument("--conclusion", default="", help="text appended under the table (the index choice)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "ann.json")
-    p.add_argument("--markdown", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
+    p.add_argument("--out", type=Path, default=REPORTS / "ann.json")
+    p.add_argument("--markdown", type=Path, default=BENCHMARKS)
     args = p.parse_args()
     report = run(args)
     report["conclusion"] = args.conclusion or conclusion(report)

@@ -28,7 +28,8 @@ CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec")
 
 def measure(model: Path, storages: list[str]) -> dict:
     from encoder.base_model import default_base_model
-    from encoder.evaluate import catalog_texts, neighbour_recall
+    from encoder.data import catalog_texts
+    from encoder.evaluate import neighbour_recall
     from encoder.ternary_export import convert_token_embedding
     from encoder.ternary_format import model_file_bytes
     from encoder.ternary_runtime import NativeTernaryEncoder

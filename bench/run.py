@@ -16,7 +16,7 @@ BENCHMARKS = {
     "kernel": [sys.executable, "-m", "bench.kernel"],
     "speed": [sys.executable, "-m", "bench.speed"],
     "footprint": [sys.executable, "-m", "bench.footprint"],
-    "quality": [sys.executable, "-m", "encoder.evaluate"],
+    "quality": [sys.executable, "-m", "bench.quality", "report", "--keep"],
     "ann": [sys.executable, "-m", "bench.ann"],
     "pipeline": [sys.executable, "-m", "bench.pipeline"],
 }

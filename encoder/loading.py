@@ -30,7 +30,7 @@ class Encoder(Protocol):
 
 
 class SentenceTransformerEncoder:
-    """A full-precision sentence-transformers model."""
+    """A sentence-transformers model (full precision, or any in-memory one via `from_model`)."""
 
     def __init__(self, spec: str, device: str = "cpu"):
         try:
@@ -41,6 +41,13 @@ class SentenceTransformerEncoder:
         self.model = SentenceTransformer(spec, device=device)
         self.name = spec
         self.dim = int(self.model.get_embedding_dimension())
+
+    @classmethod
+    def from_model(cls, model, name: str) -> SentenceTransformerEncoder:
+        """Wraps an in-memory SentenceTransformer (e.g. a ternary student in training)."""
+        enc = cls.__new__(cls)
+        enc.model, enc.name, enc.dim = model, name, int(model.get_embedding_dimension())
+        return enc
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         emb = self.model.encode(

@@ -2,8 +2,10 @@
 
 Every ternarized linear layer computes `y = x @ W_hat.T + b` with `W_hat = scale[:, None] * codes`,
 `codes` in {-1, 0, +1} (int8) and ONE float scale per output row: that is exactly what the packed
-kernel (encoder/packing.py) stores, so every scheme below must end up in that form. A per-tensor
-scale is simply stored as a constant row vector.
+kernel (encoder/packing.py) stores, so every exported scheme ends up in that form. A per-tensor
+scale is simply stored as a constant row vector. `group_size=g` (float training only, for the
+scale-granularity ablation of issue 11; the packed format refuses it) gives each row one scale per
+g consecutive inputs instead, with the row rules below applied per group.
 
 Schemes (`scheme=` of `TernaryLinear` / `ternarize_model`):
 - ``paper``      per tensor, m = 2 * mean|W|, codes = clamp(round(W / m), -1, 1), scale = m
@@ -57,11 +59,19 @@ def optimal_row_threshold_ratio(weight: torch.Tensor) -> torch.Tensor:
 
 
 def ternarize_weight(
-    weight: torch.Tensor, scheme: str, row_ratio: torch.Tensor | None = None
+    weight: torch.Tensor, scheme: str, row_ratio: torch.Tensor | None = None, group_size: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (same dtype as weight, values in {-1,0,1}, no grad) and a per-row scale (float, no grad)."""
+    """Codes (same dtype as weight, values in {-1,0,1}, no grad) and a per-row scale (float, no grad);
+    with `group_size`, the row rules per group of inputs and scales of shape (out, in // group_size)."""
     base, _ = parse_scheme(scheme)
     w = weight.detach()
+    if group_size:
+        if base in ("paper", "tensor_fit") or w.shape[1] % group_size:
+            raise ValueError(f"group scales need a row scheme and in_features divisible by {group_size}")
+        out_f, in_f = w.shape
+        ratio = None if row_ratio is None else row_ratio.reshape(-1)
+        codes, s = ternarize_weight(w.reshape(-1, group_size), scheme, ratio)
+        return codes.reshape(out_f, in_f), s.reshape(out_f, in_f // group_size)
     a = w.abs()
     if base == "paper":
         m = 2.0 * a.mean()
@@ -89,44 +99,55 @@ class TernaryLinear(nn.Module):
     """A linear layer whose effective weight is scale[:, None] * codes, trained with an STE.
 
     `weight` is the latent float weight the optimizer updates; the forward pass never uses it
-    directly. `bias` stays float.
+    directly. `bias` stays float. `group_size` > 0: one scale (and threshold ratio) per row and group
+    of `group_size` inputs (float only: `ternary_codes_and_scale` refuses it).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "row_opt"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "row_opt",
+                 group_size: int = 0):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
         self.base_scheme, self.learn_scale = parse_scheme(scheme)
+        if group_size and (in_features % group_size or self.base_scheme in ("paper", "tensor_fit")):
+            raise ValueError(f"group_size {group_size} needs a row scheme and in_features ({in_features}) "
+                             "divisible by it")
+        self.group_size = group_size
+        self.groups = in_features // group_size if group_size else 0
+        shape = (out_features, self.groups) if group_size else (out_features,)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # Threshold ratio per row (row_opt), fixed at conversion time so codes follow the latent weights.
-        self.register_buffer("row_ratio", torch.ones(out_features))
-        self.scale = nn.Parameter(torch.ones(out_features)) if self.learn_scale else None
+        self.register_buffer("row_ratio", torch.ones(shape))
+        self.scale = nn.Parameter(torch.ones(shape)) if self.learn_scale else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str = "row_opt") -> TernaryLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme)
+    def from_linear(cls, linear: nn.Linear, scheme: str = "row_opt", group_size: int = 0) -> TernaryLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size)
         layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
             if layer.base_scheme == "row_opt":
-                layer.row_ratio.copy_(optimal_row_threshold_ratio(linear.weight))
+                w = linear.weight.reshape(-1, group_size) if group_size else linear.weight
+                layer.row_ratio.copy_(optimal_row_threshold_ratio(w).reshape(layer.row_ratio.shape))
             if layer.scale is not None:
-                _, s = ternarize_weight(linear.weight, layer.base_scheme, layer.row_ratio)
+                _, s = ternarize_weight(linear.weight, layer.base_scheme, layer.row_ratio, group_size)
                 layer.scale.copy_(s)
         return layer
 
-    def _codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
-        codes, s = ternarize_weight(self.weight, self.base_scheme, self.row_ratio)
+    def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current codes (from the latent weights) and the scale in use (learnable or fitted)."""
+        codes, s = ternarize_weight(self.weight, self.base_scheme, self.row_ratio, self.group_size)
         return codes, (self.scale if self.scale is not None else s)
 
     def quantized_weight(self) -> torch.Tensor:
         """W_hat with straight-through gradients (identity to `weight`, exact to a learnable scale)."""
-        codes, s = self._codes_and_scale()
-        w_hat = s[:, None] * codes
+        codes, s = self.codes_and_scale()
+        per_weight = s.repeat_interleave(self.group_size, dim=1) if self.group_size else s[:, None]
+        w_hat = per_weight * codes
         if self.scale is not None:
             # value = s*codes; d/dW = identity (STE); d/ds flows through s*codes.
             return w_hat + (self.weight - self.weight.detach())
@@ -138,12 +159,16 @@ class TernaryLinear(nn.Module):
     @torch.no_grad()
     def ternary_codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed-kernel contract: int8 codes (out, in) in {-1,0,1} and float32 scale (out,)."""
-        codes, s = self._codes_and_scale()
+        if self.group_size:
+            raise ValueError(f"{self}: the packed format stores one scale per row; group scales "
+                             f"(group_size={self.group_size}) are a float-training ablation only")
+        codes, s = self.codes_and_scale()
         return codes.to(torch.int8).contiguous(), s.detach().float().contiguous().clone()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, scheme={self.scheme}")
+                f"bias={self.bias is not None}, scheme={self.scheme}"
+                + (f", group_size={self.group_size}" if self.group_size else ""))
 
 
 def transformer_roots(model: nn.Module) -> list[nn.Module]:
@@ -152,7 +177,7 @@ def transformer_roots(model: nn.Module) -> list[nn.Module]:
     return roots or [model]
 
 
-def ternarize_model(model: nn.Module, scheme: str = "row_opt") -> nn.Module:
+def ternarize_model(model: nn.Module, scheme: str = "row_opt", group_size: int = 0) -> nn.Module:
     """Replaces every nn.Linear inside the transformer (Q/K/V, attention output, FFN up/down, pooler)
     by a TernaryLinear, in place; embeddings, LayerNorm and biases stay float. Returns the model.
 
@@ -164,73 +189,10 @@ def ternarize_model(model: nn.Module, scheme: str = "row_opt") -> nn.Module:
         for name, linear in targets:
             parent_name, _, child = name.rpartition(".")
             parent = root.get_submodule(parent_name) if parent_name else root
-            setattr(parent, child, TernaryLinear.from_linear(linear, scheme))
+            setattr(parent, child, TernaryLinear.from_linear(linear, scheme, group_size))
     return model
 
 
 def ternary_layers(model: nn.Module) -> list[tuple[str, TernaryLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
 
-
-@torch.no_grad()
-def calibrate_ternary(model: nn.Module, run_batch, n_blocks: int, block_prefix: str = "encoder.layer",
-                      ratios: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1),
-                      bias_correction: bool = True) -> dict[str, float]:
-    """Activation-aware fit of every TernaryLinear (learnable-scale schemes only), block by block.
-
-    Weight-space fits treat every input dimension alike, but transformer activations are dominated by
-    a few large channels. Here each row's threshold ratio (from `ratios` + its current one) and scale
-    minimise E||x.w - x.(s q)||^2 over the calibration inputs x the *ternary* model produces, using
-    their Gram matrix G: err(q) = wGw - (wGq)^2 / qGq, s = wGq / qGq. The mean output error is then
-    folded into the bias. `run_batch()` runs the model over the calibration texts (any number of
-    forward passes); it is called once per transformer block so each block sees calibrated inputs.
-    Returns the relative output error per layer after calibration.
-    """
-    layers = dict(ternary_layers(model))
-    errors: dict[str, float] = {}
-    for block in range(n_blocks):
-        key = f"{block_prefix}.{block}." if block_prefix else f"{block}."
-        names = [n for n in layers if (n + ".").startswith(key)]
-        stats: dict[str, list] = {}
-
-        def hook(name, stats=stats):
-            def fn(_mod, args):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                g, s, n = stats.get(name, (0.0, 0.0, 0))
-                stats[name] = [g + (x.T @ x).double(), s + x.sum(0).double(), n + x.shape[0]]
-            return fn
-
-        handles = [layers[n].register_forward_pre_hook(hook(n)) for n in names]
-        try:
-            run_batch()
-        finally:
-            for h in handles:
-                h.remove()
-        for name in names:
-            layer = layers[name]
-            if layer.scale is None:
-                raise ValueError("calibration needs a learnable-scale scheme (e.g. 'row_opt+learn')")
-            g_sum, x_sum, n = stats[name]
-            gram, mean = g_sum / n, x_sum / n
-            w = layer.weight.double()
-            a = w.abs()
-            wg = w @ gram
-            wgw = (wg * w).sum(1)
-            best_err = torch.full((w.shape[0],), float("inf"), dtype=torch.float64)
-            best_ratio, best_scale = layer.row_ratio.double().clone(), layer.scale.double().clone()
-            for ratio in [None, *ratios]:
-                r = layer.row_ratio.double() if ratio is None else torch.full_like(best_ratio, ratio)
-                q = torch.sign(w) * (a > r[:, None] * a.mean(1, keepdim=True))
-                wgq, qgq = (wg * q).sum(1), ((q @ gram) * q).sum(1).clamp_min(1e-30)
-                err = wgw - wgq ** 2 / qgq
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_ratio = torch.where(better, r, best_ratio)
-                best_scale = torch.where(better, wgq / qgq, best_scale)
-            layer.row_ratio.copy_(best_ratio)
-            layer.scale.copy_(best_scale)
-            if bias_correction and layer.bias is not None:
-                codes, s = layer._codes_and_scale()
-                layer.bias.add_(((w - s.double()[:, None] * codes.double()) @ mean).to(layer.bias.dtype))
-            errors[name] = float(best_err.sum() / wgw.sum().clamp_min(1e-30))
-    return errors

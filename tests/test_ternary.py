@@ -159,20 +159,27 @@ def test_sentence_transformer_is_ternarized():
     assert emb.shape == (1, 384)
 
 
-def test_calibration_lowers_the_output_error_on_skewed_inputs():
-    from encoder.ternary import calibrate_ternary
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 8))
-    x = torch.randn(512, 24)
-    x[:, :3] *= 20  # a few dominant channels, as in transformer activations
-    ref = model(x).detach()
-    ternarize_model(model, "row_opt+learn")
-    before = (model(x) - ref).pow(2).mean().item()
-    # the Sequential's children "0" and "2" are calibrated as blocks 0 and 2 (block 1 has no Linear)
-    errors = calibrate_ternary(model, lambda: model(x), n_blocks=3, block_prefix="")
-    after = (model(x) - ref).pow(2).mean().item()
-    assert set(errors) == {"0", "2"}
-    assert after < 0.7 * before
-    codes, scale = model[0].ternary_codes_and_scale()
-    assert set(codes.unique().tolist()) <= {-1, 0, 1} and (scale > 0).all()
+def test_group_scales_one_per_group_of_inputs():
+    lin = _linear(out_f=6, in_f=64)
+    with torch.no_grad():
+        lin.weight[:, 32:] *= 8  # the second half of every row much larger: one row scale cannot fit both
+    row = TernaryLinear.from_linear(lin, "row_opt+learn")
+    grouped = TernaryLinear.from_linear(lin, "row_opt+learn", group_size=32)
+    assert grouped.scale.shape == (6, 2) and grouped.row_ratio.shape == (6, 2)
+    w_hat = grouped.quantized_weight().detach()
+    codes, scale = grouped.codes_and_scale()
+    torch.testing.assert_close(w_hat, scale.detach().repeat_interleave(32, dim=1) * codes)
+    # the small half: a row scale sized for the large half zeroes or overshoots it, its own scale fits
+    err_row = (lin.weight - row.quantized_weight())[:, :32].pow(2).sum().item()
+    err_group = (lin.weight - w_hat)[:, :32].pow(2).sum().item()
+    assert err_group < 0.8 * err_row
+    # each group is the exact row_opt fit of its own 32 weights
+    for g in range(2):
+        part = lin.weight[:, 32 * g:32 * (g + 1)]
+        c, s = ternarize_weight(part, "row_opt")
+        assert torch.equal(codes[:, 32 * g:32 * (g + 1)], c)
+        torch.testing.assert_close(scale[:, g].detach(), s)
+    with pytest.raises(ValueError, match="one scale per row"):
+        grouped.ternary_codes_and_scale()  # the packed format has no group scales
+    with pytest.raises(ValueError):
+        TernaryLinear(60, 4, scheme="row_opt", group_size=32)

@@ -1,9 +1,11 @@
 """Model: full precision vs ternary, from the benchmark reports in `reports/*.json`.
 
-The reports are written by the benchmarks (`make bench` and the encoder's evaluation); their exact
-keys belong to them, so this page reads whatever is there: headline numbers, the command that
-produced each file, tables where several variants share numeric fields (with bar charts), and the
-raw JSON. A missing or unreadable file is a message, not an error.
+First the comparison a visitor came for: full precision, ONNX Runtime int8 (the usual way to shrink
+a model, the reference) and the ternary model side by side — model size, encoder speed
+(reports/speed.json) and quality retained (reports/quality.json) — in words and units. Below, every
+report in detail: headline numbers, the command that produced it, tables where several variants share
+numeric fields (with bar charts), and the raw JSON. The detailed part reads whatever keys a report
+has (they belong to the benchmarks); a missing or unreadable file is a message, not an error.
 """
 
 from __future__ import annotations
@@ -83,11 +85,6 @@ def _flatten(record: dict, prefix: str = "") -> dict:
         elif isinstance(value, dict) and _scalar_dict(value):
             row.update(_flatten(value, f"{prefix}{key}."))
     return row
-
-
-def _nested(value: dict) -> bool:
-    """Holds something a table row cannot: lists, or dicts that are not plain figures."""
-    return any(isinstance(x, list) or (isinstance(x, dict) and not _scalar_dict(x)) for x in value.values())
 
 
 def tables(report: Any, path: tuple[str, ...] = ()) -> list[tuple[str, pd.DataFrame]]:
@@ -171,10 +168,97 @@ def render_report(name: str, title: str, report: Any) -> None:
         st.json(report, expanded=False)
 
 
+# ----------------------------------------------------------------------------- the comparison
+
+COLUMNS = ("Full precision (float32)", "ONNX Runtime int8 (reference)", "Ternary (ternrec)")
+QUALITY_LABELS = ("full precision", "ONNX Runtime int8")  # reports/quality.json model labels
+SPEED_RUNTIMES = (("torch-fp32",), ("ort-int8",), ("ternary-packed", "ternary-packed-int4emb"))
+SPEED_ROWS = (("short_b1", "Encoder speed: book titles, one at a time"),
+              ("short_b32", "Encoder speed: book titles, batches of 32"),
+              ("long_b32", "Encoder speed: abstracts (256 tokens), batches of 32"))
+
+
+def _shipped_ternary(models: dict) -> dict | None:
+    """The committed ternary model's row: spec models/ternary-minilm, else the last ternary row."""
+    ternary = [m for k, m in models.items() if k.lower().startswith("ternary") and isinstance(m, dict)]
+    shipped = [m for m in ternary if str(m.get("spec", "")).rstrip("/").endswith("models/ternary-minilm")]
+    return (shipped or ternary or [None])[-1]
+
+
+def comparison(quality: dict, speed: dict) -> tuple[pd.DataFrame | None, dict]:
+    """(rows of human-readable figures, one column per model; the raw figures the cards use)."""
+    models = quality.get("models") if isinstance(quality.get("models"), dict) else {}
+    cols = [models.get(QUALITY_LABELS[0]), models.get(QUALITY_LABELS[1]), _shipped_ternary(models)]
+    cols = [c if isinstance(c, dict) else {} for c in cols]
+    runtimes = speed.get("runtimes") if isinstance(speed.get("runtimes"), dict) else {}
+    runs = [next((runtimes[r] for r in names if isinstance(runtimes.get(r), dict)), {}) for names in SPEED_RUNTIMES]
+    fp = cols[0]
+    rows: dict[str, list[str]] = {}
+    raw: dict[str, list] = {}
+
+    def add(label, values, fmt):
+        if any(v is not None for v in values):
+            rows[label] = [fmt(v, i) if v is not None else "–" for i, v in enumerate(values)]
+            raw[label] = list(values)
+
+    sizes = [c.get("file_bytes") or r.get("file_bytes") for c, r in zip(cols, runs, strict=True)]
+    add("Model file", sizes, lambda v, i: f"{v / 1e6:.1f} MB" + (f" ({v / sizes[0]:.2f}× full precision)"
+                                                                  if i and sizes[0] else ""))
+    for key, label in SPEED_ROWS:
+        values = [(r.get("sentences_per_s") or {}).get(key) for r in runs]
+        add(label, values, lambda v, i: f"{v:,.0f} texts/s")
+
+    def retained(key):
+        return lambda v, i: f"{v:.3f}" + (f" ({100 * v / fp[key]:.1f}% of full precision)" if i and fp.get(key) else "")
+
+    add("Similarity: STS-B dev Spearman", [c.get("stsb_dev_spearman") for c in cols], retained("stsb_dev_spearman"))
+    for key, label in (("catalog_neighbour_recall@10", "Similar books: 10 nearest shared with full precision"),
+                       ("catalog_neighbour_recall@10_heldout", "… for books never seen in training"),
+                       ("catalog_title_authors_neighbour_recall@10", "… from \"title by authors\" only")):
+        add(label, [c.get(key) for c in cols], lambda v, i: f"{100 * v:.0f}%")
+    add("Search: SciFact nDCG@10", [c.get("scifact_ndcg@10") for c in cols], retained("scifact_ndcg@10"))
+    errors = [c.get("rec_hitrate@10_se") for c in cols]
+    add("Recommendations: to_read HitRate@10", [c.get("rec_hitrate@10") for c in cols],
+        lambda v, i: f"{100 * v:.2f}%" + (f" ± {100 * errors[i]:.2f}" if errors[i] else ""))
+    if not rows:
+        return None, raw
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(COLUMNS)), raw
+
+
+def render_comparison(quality: dict, speed: dict) -> None:
+    frame, raw = comparison(quality, speed)
+    if frame is None:
+        st.info("No comparison yet: run `python -m bench.quality report` and `python -m bench.speed`.")
+        return
+    st.subheader("Full precision, int8 and ternary side by side")
+    cards = [("Model file", "Ternary model file", lambda v: f"{v / 1e6:.1f} MB",
+              lambda t, p: f"{t / p:.2f}× the int8 file", "off"),
+             ("Encoder speed: book titles, batches of 32", "Ternary speed (titles, batch 32)",
+              lambda v: f"{v:,.0f} texts/s", lambda t, p: f"{t / p:.2f}× int8", "normal"),
+             ("Similarity: STS-B dev Spearman", "Ternary STS-B", lambda v: f"{v:.3f}",
+              lambda t, p: f"{100 * (t - p) / p:+.1f}% vs int8", "normal"),
+             ("Similar books: 10 nearest shared with full precision", "Ternary similar books",
+              lambda v: f"{100 * v:.0f}% shared", lambda t, p: f"{100 * (t - p):+.0f} points vs int8", "normal")]
+    shown = [c for c in cards if c[0] in raw and raw[c[0]][2] is not None]
+    for column, (key, label, value, delta, color) in zip(st.columns(max(len(shown), 1)), shown, strict=False):
+        t, p = raw[key][2], raw[key][1]
+        column.metric(label, value(t), delta(t, p) if p else None, delta_color=color)
+    st.dataframe(frame, width="stretch")
+    st.caption("ONNX Runtime int8 (dynamic quantization of the same base model) is what one would use "
+               "instead of ternary weights: the reference. Quality: `python -m bench.quality report` "
+               "(reports/quality.json); speed: `python -m bench.speed` (reports/speed.json), 2 threads on "
+               "this machine. Similar books: of a book's 10 nearest books under full precision, the share "
+               "the model also puts in its 10 nearest (10,000 books).")
+
+
 def render(reports_dir: Path | str = REPORTS_DIR) -> None:
     reports_dir = Path(reports_dir)
     st.markdown("Full precision vs ternary: size, speed and quality, as measured by the benchmarks "
                 "(`make bench`) and recorded in `reports/*.json`.")
+    quality, _ = load_report(reports_dir / "quality.json")
+    speed, _ = load_report(reports_dir / "speed.json")
+    render_comparison(quality if isinstance(quality, dict) else {}, speed if isinstance(speed, dict) else {})
+    st.subheader("Every report in detail")
     names = list(KNOWN_REPORTS) + sorted(p.name for p in reports_dir.glob("*.json") if p.name not in KNOWN_REPORTS)
     missing = []
     for name in names:
