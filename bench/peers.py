@@ -8,8 +8,9 @@
 Each is an encoder like every other (`encode(texts, batch_size) -> (n, dim)` L2-normalized float32,
 `.dim`, `.name`), mean-pooled over real tokens, texts truncated at the base model's 256 tokens, plus
 `.cache_key` (content-derived, for encoder/embedding_cache.py). Quality (`python -m bench.quality`)
-and speed benchmarks use these same objects. The ONNX files are built once under
-`$TERNREC_CACHE/onnx/<base model fingerprint>/` (not in git).
+and speed (`python -m bench.speed`, which also times the float32 graph and the ORT-fused variants)
+use these same objects. The ONNX files are built once under `$TERNREC_CACHE/onnx/<base model
+fingerprint>/` (not in git).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ PEERS = ("ort-int8", "torch-int8")
 THREADS = 2
 MAX_LEN = 256
 EXPORT_RECIPE = "export-v1:opset17:additive-mask:quantize_dynamic-QInt8"  # part of every cache key
+
+
+GRAPHS = {"ort-fp32": "raw", "ort-int8": "int8", "ort-int8-fused": "fused-int8"}  # runtime -> onnx_paths key
 
 
 def _cache() -> Path:
@@ -69,20 +73,48 @@ def export_onnx(base: str, path: Path) -> Path:
     return path
 
 
-def onnx_int8(base: str) -> Path:
-    """The dynamically quantized ONNX graph of `base` (built once, then reused)."""
+def onnx_paths(base: str) -> dict[str, Path]:
+    """The ONNX graphs of `base`, built once: "raw" (float32), "int8" (the standard peer), and the
+    variant through ORT's transformer optimizer first ("fused", "fused-int8"). Each file is written
+    under a temporary name and renamed, so a crash never leaves a half-written graph behind."""
     d = _cache() / f"{Path(base).name}-{model_fingerprint(base)}"
-    raw, int8 = d / "model.onnx", d / "model-int8.onnx"
-    if int8.is_file():
-        return int8
+    paths = {"raw": d / "model.onnx", "int8": d / "model-int8.onnx", "fused": d / "model-fused.onnx",
+             "fused-int8": d / "model-fused-int8.onnx"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoConfig
 
-    if not raw.is_file():
-        os.replace(export_onnx(base, d / f"model.{os.getpid()}.tmp.onnx"), raw)
-    tmp = d / f"model-int8.{os.getpid()}.tmp.onnx"
-    quantize_dynamic(str(raw), str(tmp), weight_type=QuantType.QInt8)
-    os.replace(tmp, int8)
-    return int8
+    def build(name: str, write) -> None:
+        if not paths[name].is_file():
+            tmp = paths[name].with_suffix(f".{os.getpid()}.tmp.onnx")
+            write(tmp)
+            os.replace(tmp, paths[name])
+
+    build("raw", lambda tmp: export_onnx(base, tmp))
+    build("int8", lambda tmp: quantize_dynamic(str(paths["raw"]), str(tmp), weight_type=QuantType.QInt8))
+    cfg = AutoConfig.from_pretrained(base)
+    build("fused", lambda tmp: optimize_model(str(paths["raw"]), model_type="bert", num_heads=cfg.num_attention_heads,
+                                              hidden_size=cfg.hidden_size, opt_level=1).save_model_to_file(str(tmp)))
+    build("fused-int8", lambda tmp: quantize_dynamic(
+        str(paths["fused"]), str(tmp), weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}))  # fused ops lack type info
+    return paths
+
+
+def onnx_linear_weight_bytes(path: Path) -> int:
+    """Bytes of the initializers used as MatMul weights (float32 or int8)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: i for i in m.graph.initializer}
+    used = {n.input[1] for n in m.graph.node
+            if n.op_type in ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "Gemm") and len(n.input) > 1
+            and n.input[1] in inits}
+    return int(sum(numpy_helper.to_array(inits[k]).nbytes for k in used))
 
 
 def length_sorted_batches(tokenizer, texts: list[str], batch_size: int):
@@ -100,25 +132,27 @@ def length_sorted_batches(tokenizer, texts: list[str], batch_size: int):
         yield chunk, arr, mask
 
 
-class OrtInt8Encoder:
-    """ONNX Runtime, dynamically quantized int8 graph of the base model (see the module docstring)."""
+class OrtEncoder:
+    """One ONNX graph of the base model run by ONNX Runtime behind the encoder interface:
+    length-sorted padded batches, mean pooling over real tokens, texts truncated at `max_len`."""
 
-    def __init__(self, base: str, threads: int = THREADS):
+    def __init__(self, path: Path, tokenizer_file: Path, threads: int = THREADS, max_len: int = MAX_LEN,
+                 name: str = "", cache_key: str = ""):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        self.path = onnx_int8(base)
+        self.path = Path(path)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-        self.tokenizer = Tokenizer.from_file(str(Path(base) / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(MAX_LEN)
+        self.tokenizer.enable_truncation(max_len)
         self.dim = int(self.session.get_outputs()[0].shape[-1] or 384)
-        self.name = "ort-int8"
-        self.cache_key = f"ort-int8:{EXPORT_RECIPE}:{MAX_LEN}:" + model_fingerprint(base)
+        self.name = name or self.path.stem
+        self.cache_key = cache_key
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -128,6 +162,12 @@ class OrtInt8Encoder:
             pooled = (h * m).sum(1) / m.sum(1)
             out[chunk] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return out
+
+
+def ort_int8(base: str, threads: int = THREADS) -> OrtEncoder:
+    """The standard peer: the dynamically quantized int8 graph of `base`."""
+    return OrtEncoder(onnx_paths(base)["int8"], Path(base) / "tokenizer.json", threads, MAX_LEN, name="ort-int8",
+                      cache_key=f"ort-int8:{EXPORT_RECIPE}:{MAX_LEN}:" + model_fingerprint(base))
 
 
 def torch_int8(base: str, threads: int = THREADS):
@@ -150,11 +190,11 @@ def torch_int8(base: str, threads: int = THREADS):
 
 def load_peer(name: str, base: str = ""):
     """One of PEERS, built from `base` (default: the bundled MiniLM)."""
-    from encoder.loading import default_base_model
+    from encoder.base_model import default_base_model
 
     base = base or default_base_model()
     if name == "ort-int8":
-        return OrtInt8Encoder(base)
+        return ort_int8(base)
     if name == "torch-int8":
         return torch_int8(base)
     raise ValueError(f"unknown peer {name!r}; expected one of {PEERS}")

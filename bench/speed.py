@@ -22,7 +22,7 @@ token for MiniLM-L6) plus attention (2 L^2 hidden per layer for a text of L toke
 CPU's int8 multiply-add peak on 2 threads measured in the same run by the microbenchmark bench.kernel reports
 (`encoder.kernel.peak_macs_per_second`: a vpmaddubsw loop on AVX2 machines).
 Texts: "short" = catalog "title by authors", "long" = SciFact title + abstract. The ONNX peers are in
-bench/onnx_peer.py. Without a trained model (models/ternary-minilm), a randomly ternarized base
+bench/peers.py. Without a trained model (models/ternary-minilm), a randomly ternarized base
 model is saved through encoder.ternary_export and used: speed does not depend on the weight values.
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.onnx_peer import GRAPHS, OrtEncoder, onnx_linear_weight_bytes, onnx_paths
+from bench.peers import GRAPHS, OrtEncoder, onnx_linear_weight_bytes, onnx_paths
 from bench.report import machine, update_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
