@@ -19,6 +19,7 @@ BENCHMARKS = {
     "quality": [sys.executable, "-m", "bench.quality", "report", "--keep"],
     "ann": [sys.executable, "-m", "bench.ann"],
     "pipeline": [sys.executable, "-m", "bench.pipeline"],
+    "recommendation": [sys.executable, "-m", "bench.recommendation"],
 }
 
 
