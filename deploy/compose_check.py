@@ -40,7 +40,7 @@ from deploy.probes import (
     wait_for,
 )
 from deploy.wheelhouse import prepare_wheelhouse, serve, wheelhouse_dir
-from recommender.worker import WORKER_GROUP
+from ingest.eventlog import worker_group
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "ternrec-check"
@@ -187,7 +187,8 @@ class Stack:
         from ingest.catalog import load_items
 
         self.catalog_size = len(load_items())
-        tracker = SharingTracker(GroupProbe(self.bootstrap, WORKER_GROUP))
+        # The replay streams the catalog on the bulk lane (ingest.replay's default): that lane's group shares it.
+        tracker = SharingTracker(GroupProbe(self.bootstrap, worker_group("bulk")))
         began = time.monotonic()
 
         def done() -> bool:
