@@ -78,10 +78,7 @@ class Recommender:
     def similar(self, item_id: str, k: int = 10) -> Answer:
         """The k nearest items, hydrated from the index (no Redis round trip, see `_metadata`)."""
         timer = StageTimer()
-        with timer.stage("lookup"):
-            vector = self.index.vector(item_id)
-        if vector is None:
-            raise UnknownItem(f"unknown item {item_id!r}")
+        vector = self._lookup(item_id, timer)
         with timer.stage("search"):
             hits = self.index.search(vector, k, exclude={item_id})
         with timer.stage("hydrate"):
@@ -94,10 +91,7 @@ class Recommender:
         if signal == "content":
             return self.similar(item_id, k)
         timer = StageTimer()
-        with timer.stage("lookup"):
-            vector = self.index.vector(item_id)
-            if vector is None:
-                raise UnknownItem(f"unknown item {item_id!r}")
+        vector = self._lookup(item_id, timer)
         with timer.stage("search"):
             params = self.blend if signal == "blend" else COREAD_ONLY
             hits = self.index.search(vector, params.content_candidates, exclude={item_id}) \
@@ -109,6 +103,13 @@ class Recommender:
         with timer.stage("hydrate"):
             items = self._hydrate([(p.item_id, p.score) for p in picks])
         return self._answer("similar", items, timer, {"signal": signal})
+
+    def _lookup(self, item_id: str, timer: StageTimer) -> np.ndarray:
+        with timer.stage("lookup"):
+            vector = self.index.vector(item_id)
+        if vector is None:
+            raise UnknownItem(f"unknown item {item_id!r}")
+        return vector
 
     def recommend(self, user_id: str, k: int = 10) -> Answer:
         """The blend of recommender/blend.py over the user's co-read and content candidates; the

@@ -134,3 +134,17 @@ def pytest_configure(config):
     # message type: hundreds of warnings that are not ours to fix.
     for message in ("read_text is deprecated", "open_text is deprecated"):
         config.addinivalue_line("filterwarnings", f"ignore:{message}:DeprecationWarning")
+
+
+@pytest.fixture
+def embedded_runtime():
+    """The production runtime in embedded mode (in-process log and store, workers included) on the
+    model-free hashing encoder: the HTTP tests' service without Kafka, Redis or a model."""
+    from encoder.hashing import HashingEncoder
+    from recommender.runtime import Runtime
+
+    rt = Runtime(Settings(kafka_bootstrap="", redis_url="", max_wait_ms=2), with_workers=True,
+                 encoder=HashingEncoder(64))
+    rt.start()
+    yield rt
+    rt.stop()

@@ -13,10 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from encoder.hashing import HashingEncoder
 from ingest.services import free_port
-from ingest.settings import Settings
-from recommender.runtime import Runtime
 from recommender.service import create_app
 from tests.waiting import wait_for
 
@@ -61,19 +58,11 @@ def test_schemathesis_finds_nothing(demo_url, seed, tmp_path):
     assert "No issues found" in run.stdout, run.stdout[-3000:]
 
 
-@pytest.fixture
-def runtime():
-    rt = Runtime(Settings(kafka_bootstrap="", redis_url="", max_wait_ms=2), with_workers=True,
-                 encoder=HashingEncoder(32))
-    rt.start()
-    yield rt
-    rt.stop()
-
-
-def produced(runtime) -> int:
+def produced(embedded_runtime) -> int:
     """How many events reached the item and user topics (a fresh group reads them all)."""
-    s = runtime.settings
-    consumer = runtime.event_log.consumer([s.topic_item_events, s.topic_user_events], "audit-" + os.urandom(4).hex())
+    s = embedded_runtime.settings
+    consumer = embedded_runtime.event_log.consumer([s.topic_item_events, s.topic_user_events],
+                                                   "audit-" + os.urandom(4).hex())
     n = 0
     while batch := consumer.poll(max_records=1000, timeout_ms=50):
         n += len(batch)
@@ -88,8 +77,8 @@ def produced(runtime) -> int:
     "/items/1/similar?k=1.5", "/items/1/similar?k=1e3", "/items/1/similar?k=99999999999999999999999",
     "/items/1/similar?k=-1", "/users/u/recommendations?k=NaN", "/stats?window_s=inf",
 ])
-def test_odd_paths_and_parameters_get_a_4xx_with_a_reason(runtime, path):
-    client = TestClient(create_app(runtime.recommender))
+def test_odd_paths_and_parameters_get_a_4xx_with_a_reason(embedded_runtime, path):
+    client = TestClient(create_app(embedded_runtime.recommender))
     response = client.get(path)
     assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
     assert response.json()["detail"], response.text
@@ -112,16 +101,16 @@ def test_odd_paths_and_parameters_get_a_4xx_with_a_reason(runtime, path):
     (b"", "invalid JSON"),
     (b"null", "must be a JSON object"),
 ])
-def test_bad_event_bodies_get_a_4xx_with_a_reason_and_store_nothing(runtime, body, reason):
-    client = TestClient(create_app(runtime.recommender))
+def test_bad_event_bodies_get_a_4xx_with_a_reason_and_store_nothing(embedded_runtime, body, reason):
+    client = TestClient(create_app(embedded_runtime.recommender))
     response = client.post("/events", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code in (413, 422), (response.status_code, response.text)
     assert reason in response.json()["detail"], response.text
-    assert produced(runtime) == 0
+    assert produced(embedded_runtime) == 0
 
 
-def test_the_openapi_document_declares_what_the_routes_answer(runtime):
-    doc = TestClient(create_app(runtime.recommender)).get("/openapi.json").json()
+def test_the_openapi_document_declares_what_the_routes_answer(embedded_runtime):
+    doc = TestClient(create_app(embedded_runtime.recommender)).get("/openapi.json").json()
     paths = doc["paths"]
     assert set(paths["/items/{item_id}/similar"]["get"]["responses"]) >= {"200", "404", "422"}
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
@@ -130,7 +119,7 @@ def test_the_openapi_document_declares_what_the_routes_answer(runtime):
     event = doc["components"]["schemas"]["Event"]
     assert event["discriminator"]["propertyName"] == "type"
     upsert = doc["components"]["schemas"]["ItemUpsert"]["properties"]
-    assert upsert["title"]["maxLength"] == runtime.settings.max_title_chars
+    assert upsert["title"]["maxLength"] == embedded_runtime.settings.max_title_chars
     errors = [r for p in paths.values() for op in p.values() for code, r in op["responses"].items()
               if code.startswith(("4", "5")) and code != "503"]
     assert errors and all(r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}

@@ -13,24 +13,13 @@ from encoder.hashing import HashingEncoder
 from ingest.catalog import load_items
 from ingest.replay import replay
 from ingest.schema import parse_event
-from ingest.settings import Settings
-from recommender.runtime import Runtime
 from recommender.service import create_app
 from tests.waiting import wait_for
 
 
 @pytest.fixture
-def runtime():
-    rt = Runtime(Settings(kafka_bootstrap="", redis_url="", max_wait_ms=2), with_workers=True,
-                 encoder=HashingEncoder(64))
-    rt.start()
-    yield rt
-    rt.stop()
-
-
-@pytest.fixture
-def client(runtime):
-    return TestClient(create_app(runtime.recommender))
+def client(embedded_runtime):
+    return TestClient(create_app(embedded_runtime.recommender))
 
 
 def upsert(item_id, title, ts=None, **extra):
@@ -40,12 +29,12 @@ def upsert(item_id, title, ts=None, **extra):
     return raw
 
 
-def test_items_flow_to_index_and_store_and_are_answered(runtime, client):
+def test_items_flow_to_index_and_store_and_are_answered(embedded_runtime, client):
     items = load_items()[:300]
     for item in items:
         client.post("/events", json=item.to_event().to_dict()).raise_for_status()
-    wait_for(lambda: len(runtime.index) == 300, what="300 items indexed")
-    assert runtime.store.item_count() == 300
+    wait_for(lambda: len(embedded_runtime.index) == 300, what="300 items indexed")
+    assert embedded_runtime.store.item_count() == 300
     body = client.get("/items/1/similar", params={"k": 5}).json()
     assert len(body["items"]) == 5 and "1" not in {i["item_id"] for i in body["items"]}
     assert all(i["title"] for i in body["items"])
@@ -53,41 +42,41 @@ def test_items_flow_to_index_and_store_and_are_answered(runtime, client):
     assert client.get("/health").json()["index_size"] == 300
 
 
-def test_delete_removes_item_and_late_older_upsert_cannot_revive_it(runtime, client):
+def test_delete_removes_item_and_late_older_upsert_cannot_revive_it(embedded_runtime, client):
     client.post("/events", json=upsert("a", "Dune", ts=100.0)).raise_for_status()
     client.post("/events", json=upsert("b", "Dune Messiah", ts=100.0)).raise_for_status()
-    wait_for(lambda: len(runtime.index) == 2)
+    wait_for(lambda: len(embedded_runtime.index) == 2)
     client.post("/events", json={"type": "item_delete", "item_id": "a", "ts": 200.0}).raise_for_status()
-    wait_for(lambda: "a" not in runtime.index, what="delete applied")
+    wait_for(lambda: "a" not in embedded_runtime.index, what="delete applied")
     client.post("/events", json=upsert("a", "Dune (old edition)", ts=150.0)).raise_for_status()
     client.post("/events", json=upsert("c", "marker", ts=300.0)).raise_for_status()
-    wait_for(lambda: "c" in runtime.index)
-    assert "a" not in runtime.index
+    wait_for(lambda: "c" in embedded_runtime.index)
+    assert "a" not in embedded_runtime.index
     assert client.get("/items/a/similar").status_code == 404
     assert [i["item_id"] for i in client.get("/items/b/similar").json()["items"]] == ["c"]
 
 
-def test_newer_upsert_wins_whatever_the_arrival_order(runtime):
+def test_newer_upsert_wins_whatever_the_arrival_order(embedded_runtime):
     new, old = parse_event(upsert("x", "new title", ts=20.0)), parse_event(upsert("x", "old title", ts=10.0))
-    runtime.producer.send(new)
-    runtime.producer.send(old)
-    runtime.producer.send(parse_event(upsert("done", "marker", ts=30.0)))
-    wait_for(lambda: "done" in runtime.index and "x" in runtime.index)
-    assert runtime.store.items_metadata(["x"])[0]["title"] == "new title"
+    embedded_runtime.producer.send(new)
+    embedded_runtime.producer.send(old)
+    embedded_runtime.producer.send(parse_event(upsert("done", "marker", ts=30.0)))
+    wait_for(lambda: "done" in embedded_runtime.index and "x" in embedded_runtime.index)
+    assert embedded_runtime.store.items_metadata(["x"])[0]["title"] == "new title"
     expected = HashingEncoder(64).encode(["new title"])[0]
-    np.testing.assert_allclose(runtime.index.vector("x"), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(embedded_runtime.index.vector("x"), expected, rtol=0, atol=1e-6)
 
 
-def test_user_recommendations_exclude_seen_items_and_cold_start_is_labelled(runtime, client):
+def test_user_recommendations_exclude_seen_items_and_cold_start_is_labelled(embedded_runtime, client):
     for item in load_items()[:200]:
-        runtime.producer.send(item.to_event())
-    wait_for(lambda: len(runtime.index) == 200)
+        embedded_runtime.producer.send(item.to_event())
+    wait_for(lambda: len(embedded_runtime.index) == 200)
     seen = [str(i) for i in range(1, 21)]
     for item_id in seen:
         client.post("/events", json={"type": "interaction", "user_id": "u1", "item_id": item_id,
                                      "kind": "read"}).raise_for_status()
     client.post("/events", json={"type": "interaction", "user_id": "u2", "item_id": "5", "kind": "read"})
-    wait_for(lambda: len(runtime.store.user_profile("u1").seen) == 20, what="profile updated")
+    wait_for(lambda: len(embedded_runtime.store.user_profile("u1").seen) == 20, what="profile updated")
     body = client.get("/users/u1/recommendations", params={"k": 50}).json()
     assert body["strategy"] == "hybrid" and not body["cold_start"]
     got = {i["item_id"] for i in body["items"]}
@@ -98,12 +87,12 @@ def test_user_recommendations_exclude_seen_items_and_cold_start_is_labelled(runt
     assert cold["items"][0]["item_id"] == "5"  # interacted with by two users
 
 
-def test_repeated_interaction_counts_once(runtime):
-    runtime.producer.send(parse_event(upsert("1", "Dune")))
-    wait_for(lambda: "1" in runtime.index)
+def test_repeated_interaction_counts_once(embedded_runtime):
+    embedded_runtime.producer.send(parse_event(upsert("1", "Dune")))
+    wait_for(lambda: "1" in embedded_runtime.index)
     event = parse_event({"type": "interaction", "user_id": "u", "item_id": "1", "kind": "read"})
-    assert runtime.store.apply_interactions([event, event], {"1": runtime.index.vector("1")}) == 1
-    assert runtime.store.popular(5) == [("1", 1.0)]
+    assert embedded_runtime.store.apply_interactions([event, event], {"1": embedded_runtime.index.vector("1")}) == 1
+    assert embedded_runtime.store.popular(5) == [("1", 1.0)]
 
 
 @pytest.mark.parametrize("path, status, reason", [
@@ -131,14 +120,15 @@ def test_bad_events_get_a_422_with_the_reason(client, body, reason):
     assert reason in response.json()["detail"]
 
 
-def test_metrics_and_stats_report_what_happened(runtime, client):
+def test_metrics_and_stats_report_what_happened(embedded_runtime, client):
     client.post("/events", json=upsert("1", "Dune")).raise_for_status()
-    wait_for(lambda: "1" in runtime.index)
+    wait_for(lambda: "1" in embedded_runtime.index)
     client.post("/events", json=upsert("2", "Emma")).raise_for_status()
-    wait_for(lambda: "2" in runtime.index)
-    replay(runtime.event_log, runtime.settings, [parse_event(upsert("3", "Persuasion"))], progress=False)  # bulk
-    wait_for(lambda: "3" in runtime.index)
-    runtime.monitor.check()
+    wait_for(lambda: "2" in embedded_runtime.index)
+    replay(embedded_runtime.event_log, embedded_runtime.settings, [parse_event(upsert("3", "Persuasion"))],
+           progress=False)  # bulk
+    wait_for(lambda: "3" in embedded_runtime.index)
+    embedded_runtime.monitor.check()
     client.get("/items/1/similar")
     text = client.get("/metrics").text
     assert 'ternrec_events_submitted_total{type="item_upsert"} 2.0' in text

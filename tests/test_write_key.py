@@ -10,10 +10,8 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from encoder.hashing import HashingEncoder
 from ingest.services import free_port
 from ingest.settings import Settings
-from recommender.runtime import Runtime
 from recommender.service import create_app
 from tests.waiting import wait_for
 from ui.client import ServiceClient, ServiceError
@@ -22,26 +20,17 @@ KEY = "s3cret-write-key"
 BOOK = {"type": "item_upsert", "item_id": "k1", "title": "Keys and Locks", "text": "a book about keys"}
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    rt = Runtime(Settings(kafka_bootstrap="", redis_url="", max_wait_ms=2), with_workers=True,
-                 encoder=HashingEncoder(64))
-    rt.start()
-    yield rt
-    rt.stop()
-
-
-def test_writes_need_the_key_when_one_is_set(runtime):
-    client = TestClient(create_app(runtime.recommender, write_key=KEY))
+def test_writes_need_the_key_when_one_is_set(embedded_runtime):
+    client = TestClient(create_app(embedded_runtime.recommender, write_key=KEY))
     missing = client.post("/events", json=BOOK)
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
     assert "TERNREC_API_KEY" in missing.json()["detail"]
     for header in (f"Bearer {KEY}x", f"Basic {KEY}", KEY, "Bearer "):
         assert client.post("/events", json=BOOK, headers={"Authorization": header}).status_code == 401, header
-    assert len(runtime.index) == 0  # nothing refused got in
+    assert len(embedded_runtime.index) == 0  # nothing refused got in
     accepted = client.post("/events", json=BOOK, headers={"Authorization": f"Bearer {KEY}"})
     assert accepted.status_code == 202, accepted.text
-    wait_for(lambda: "k1" in runtime.index, what="the keyed write indexed")
+    wait_for(lambda: "k1" in embedded_runtime.index, what="the keyed write indexed")
     # Reads stay open.
     assert client.get("/health").status_code == 200
     assert client.get("/items/k1/similar").status_code == 200
@@ -49,8 +38,8 @@ def test_writes_need_the_key_when_one_is_set(runtime):
     assert "401" in client.get("/openapi.json").json()["paths"]["/events"]["post"]["responses"]
 
 
-def test_writes_are_open_without_a_key(runtime):
-    client = TestClient(create_app(runtime.recommender))
+def test_writes_are_open_without_a_key(embedded_runtime):
+    client = TestClient(create_app(embedded_runtime.recommender))
     assert client.post("/events", json={**BOOK, "item_id": "k2"}).status_code == 202
     assert "401" not in client.get("/openapi.json").json()["paths"]["/events"]["post"]["responses"]
 
@@ -62,10 +51,10 @@ def test_the_key_is_a_secret_in_the_settings(monkeypatch):
     assert KEY not in repr(settings) and KEY not in str(settings.model_dump())
 
 
-@pytest.fixture(scope="module")
-def keyed_service(runtime):
+@pytest.fixture
+def keyed_service(embedded_runtime):
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime.recommender, write_key=KEY), host="127.0.0.1",
+    server = uvicorn.Server(uvicorn.Config(create_app(embedded_runtime.recommender, write_key=KEY), host="127.0.0.1",
                                            port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
