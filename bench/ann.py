@@ -32,7 +32,8 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.report import BENCHMARKS, REPO, REPORTS
+from bench.report import BENCHMARKS, REPORTS
+from ingest.settings import REPO_ROOT
 
 THREADS = 2
 K = 10
@@ -253,7 +254,7 @@ def main() -> None:
     from bench.report import update_section
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ternary", default=str(REPO / "models" / "ternary-minilm"))
+    p.add_argument("--ternary", default=str(REPO_ROOT / "models" / "ternary-minilm"))
     p.add_argument("--data", type=Path, default=None, help="shared data directory")
     p.add_argument("--catalog-queries", type=int, default=1000)
     p.add_argument("--conclusion", default="", help="text appended under the table (the index choice)")

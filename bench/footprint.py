@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ingest.settings import BUNDLED_TERNARY_MODEL, REPO_ROOT
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec")) / "footprint"
 
 
@@ -84,7 +85,7 @@ def main() -> None:
     from bench.report import update_section
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "ternary-minilm")
+    p.add_argument("--model", type=Path, default=BUNDLED_TERNARY_MODEL)
     p.add_argument("--storages", default="int8,int4,int4g32,int4g16")
     p.add_argument("--render", type=Path, default=None, help="only render a previous reports/footprint.json")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "footprint.json")

@@ -28,7 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.report import BENCHMARKS, REPO, REPORTS, update_section
+from bench.report import BENCHMARKS, REPORTS, update_section
+from ingest.settings import REPO_ROOT
 
 REPORT = REPORTS / "quality.json"
 SCALES = REPORTS / "quality-scales.json"
@@ -45,18 +46,18 @@ def loadavg() -> list[float]:
 def git_model(spec: str) -> Path:
     """git:REV:PATH -> the model directory as committed at REV, extracted under runs/git-models/."""
     _, rev, path = spec.split(":", 2)
-    sha = subprocess.run(["git", "rev-parse", rev], cwd=REPO, check=True, capture_output=True,
+    sha = subprocess.run(["git", "rev-parse", rev], cwd=REPO_ROOT, check=True, capture_output=True,
                          text=True).stdout.strip()
-    dest = REPO / "runs" / "git-models" / sha[:12] / path
-    names = subprocess.run(["git", "ls-tree", "-r", "--name-only", sha, path], cwd=REPO, check=True,
+    dest = REPO_ROOT / "runs" / "git-models" / sha[:12] / path
+    names = subprocess.run(["git", "ls-tree", "-r", "--name-only", sha, path], cwd=REPO_ROOT, check=True,
                            capture_output=True, text=True).stdout.split()
     if not names:
         raise FileNotFoundError(f"{path} does not exist at {rev}")
     for name in names:
-        out = REPO / "runs" / "git-models" / sha[:12] / name
+        out = REPO_ROOT / "runs" / "git-models" / sha[:12] / name
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(subprocess.run(["git", "show", f"{sha}:{name}"], cwd=REPO, check=True,
+            out.write_bytes(subprocess.run(["git", "show", f"{sha}:{name}"], cwd=REPO_ROOT, check=True,
                                            capture_output=True).stdout)
     return dest
 
@@ -71,9 +72,10 @@ def model_info(path: Path) -> dict:
 
 def run_report(args) -> None:
     from bench.peers import PEERS, load_peer
+    from encoder.base_model import default_base_model
     from encoder.embedding_cache import model_fingerprint
     from encoder.evaluate import evaluate_encoder, full_precision
-    from encoder.loading import default_base_model, load_encoder
+    from encoder.loading import load_encoder
 
     tasks = tuple(t for t in args.tasks.split(",") if t)
     base = args.base or default_base_model()
@@ -120,9 +122,9 @@ def calibration_setup(n: int, seed: int = 1337):
     from sentence_transformers import SentenceTransformer
 
     from encoder import distill
+    from encoder.base_model import default_base_model
     from encoder.data import default_data_dir, training_texts
     from encoder.embedding_cache import model_fingerprint
-    from encoder.loading import default_base_model
     from encoder.teacher_targets import build_teacher_targets
 
     cfg = distill.parse_config([])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -204,18 +203,19 @@ def tune(store: Store, emb: np.ndarray, split: Split) -> tuple[BlendParams, list
 
 def catalog_embeddings() -> dict[str, np.ndarray]:
     """Catalog embeddings of full-precision MiniLM and of the shipped ternary model, from the
-    project's one embedding cache (encoder/evaluate.py: runs/eval_cache, encoded on first use)."""
-    from encoder.evaluate import REPO_ROOT as ENCODER_ROOT
-    from encoder.evaluate import build_model, catalog_texts, encode_cached
-    from encoder.loading import default_base_model, load_encoder
+    project's one embedding cache (encoder/embedding_cache.py: encoded on first use)."""
+    from encoder.data import catalog_texts
+    from encoder.embedding_cache import encode_cached, model_fingerprint
+    from encoder.evaluate import full_precision
+    from encoder.loading import load_encoder
+    from ingest.settings import BUNDLED_TERNARY_MODEL
 
-    base = default_base_model()
-    fp = load_encoder(base)
-    fp.name = "full-precision:" + Path(base).name  # encoder.evaluate's cache key
-    ternary, _, _ = build_model("ternary distilled", base, fp, str(ENCODER_ROOT / "models" / "ternary-minilm"))
+    fp, fp_key = full_precision()
+    ternary = load_encoder(BUNDLED_TERNARY_MODEL)
     _, texts, _ = catalog_texts()
-    return {"full precision": encode_cached(fp, texts, "catalog", True),
-            "ternary": encode_cached(ternary, texts, "catalog", True)}
+    return {"full precision": encode_cached(fp, texts, fp_key),
+            "ternary": encode_cached(ternary, texts, f"ternary:{ternary.backend}:"
+                                     + model_fingerprint(BUNDLED_TERNARY_MODEL))}
 
 
 # ----------------------------------------------------------------------------- the run

@@ -41,14 +41,14 @@ import numpy as np
 
 from bench.peers import GRAPHS, OrtEncoder, onnx_linear_weight_bytes, onnx_paths
 from bench.report import machine, update_section
+from ingest.settings import BUNDLED_TERNARY_MODEL, REPO_ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = (REPO_ROOT / ".." / "shared" / "data" / "scifact").resolve()
 CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec"))
-DEFAULT_TERNARY = REPO_ROOT / "models" / "ternary-minilm"
+DEFAULT_TERNARY = BUNDLED_TERNARY_MODEL
 RUNTIMES = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int8-fused", "ternary-packed", "ternary-torch",
             "ternary-ref")
 PEER = "ort-int8"

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.dockerd import EngineError, PrivateDocker
-from ingest.settings import Settings
+from ingest.settings import REPO_ROOT, Settings
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPES = Path(__file__).resolve().parent / "images"
 ROOTFS_CACHE = Path.home() / ".cache" / "ternrec" / "rootfs"
 RECIPE_VERSION = "1"  # bump when the rootfs trimming changes (invalidates the cached tarballs)
@@ -52,8 +51,8 @@ FLAVOURS = (
 
 def default_images() -> dict[str, str]:
     """The public defaults, read where they are declared (Dockerfile ARGs, compose ${VAR:-default})."""
-    dockerfile = (REPO / "Dockerfile").read_text()
-    compose = (REPO / "docker-compose.yml").read_text()
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    compose = (REPO_ROOT / "docker-compose.yml").read_text()
     found = {}
     for flavour in FLAVOURS:
         match = (re.search(rf"^ARG {flavour.variable}=(\S+)", dockerfile, re.M)

@@ -41,10 +41,10 @@ from deploy.probes import (
 )
 from deploy.wheelhouse import prepare_wheelhouse, serve, wheelhouse_dir
 from ingest.eventlog import worker_group
+from ingest.settings import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 PROJECT = "ternrec-check"
-FILES = (REPO / "docker-compose.yml", REPO / "deploy" / "compose.check.yml")
+FILES = (REPO_ROOT / "docker-compose.yml", REPO_ROOT / "deploy" / "compose.check.yml")
 LOG_DIR = Path.home() / ".cache" / "ternrec" / "compose-check"
 MERGED = LOG_DIR / "compose.merged.yml"
 NEW_ITEMS = 2000  # posted during the worker-kill step
@@ -71,7 +71,7 @@ class Stack:
     def __init__(self, engine: PrivateDocker, wheelhouse_url: str):
         self.engine = engine
         kafka, controller, redis, http, ui = _free_ports(5)
-        example = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+        example = dict(line.split("=", 1) for line in (REPO_ROOT / ".env.example").read_text().splitlines()
                        if line.strip() and not line.startswith("#"))
         self.api_key = secrets.token_urlsafe(24)
         self.variables = {**example, "REDIS_PASSWORD": secrets.token_hex(16), "TERNREC_API_KEY": self.api_key,
@@ -112,7 +112,7 @@ class Stack:
         with open(LOG_DIR / "compose.log", "a") as out:
             out.write(f"\n$ {' '.join(cmd[5:])} {' '.join(args)}\n")
             out.flush()
-            proc = subprocess.run([*cmd, *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=out,
+            proc = subprocess.run([*cmd, *args], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=out,
                                   text=True, timeout=timeout)
             out.write(proc.stdout)
         if proc.returncode != 0:
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_rootfs(log)
     prepare_wheelhouse(log)
     proc = subprocess.Popen(["unshare", "--net", "--", sys.executable, "-m", "deploy.compose_check", "--inside"],
-                            cwd=REPO)
+                            cwd=REPO_ROOT)
     while True:
         try:
             return proc.wait()

@@ -26,14 +26,15 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from ingest.settings import REPO_ROOT
+
 WHEELS = Path.home() / ".cache" / "ternrec" / "wheels"
 STAMP = ".complete"
 PORT = 3141
 
 
 def requirements() -> list[str]:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     return [*project["build-system"]["requires"], *project["project"]["dependencies"]]
 
 

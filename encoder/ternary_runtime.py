@@ -56,6 +56,8 @@ def fused_qkv(tensors: dict[str, np.ndarray], prefix: str, cfg: dict) -> tuple[n
 class NativeTernaryEncoder:
     """A ternary BERT sentence encoder: `.encode(texts, batch_size) -> (n, dim) L2-normalized float32`."""
 
+    backend = "native"  # beside TorchTernaryEncoder's "packed" / "reference": part of embedding cache keys
+
     def __init__(self, path: str | os.PathLike, threads: int = 2, kernel_path: str | None = None,
                  max_tokens_per_call: int = MAX_TOKENS_PER_CALL):
         """`threads`: the kernel's threads for this encoder (the caller included); `kernel_path`: force a

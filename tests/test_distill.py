@@ -119,7 +119,7 @@ SENTENCES = [
 def test_a_few_steps_lower_the_loss(tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from encoder.loading import default_base_model
+    from encoder.base_model import default_base_model
 
     torch.manual_seed(0)
     teacher = SentenceTransformer(default_base_model(), device="cpu").eval()

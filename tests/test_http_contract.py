@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ingest.services import free_port
+from ingest.settings import REPO_ROOT
 from recommender.service import create_app
 from tests.waiting import wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 FIXED_SEED = 20261202
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
@@ -28,7 +28,7 @@ def demo_url():
     port = free_port()
     env = {**os.environ, "TERNREC_ENCODER": "hashing:384", "TERNREC_HTTP_PORT": str(port)}
     proc = subprocess.Popen([sys.executable, "-m", "recommender.demo", "--no-ui", "--users", "20", "--limit", "300"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:

@@ -149,7 +149,7 @@ def test_every_linear_replaced_and_float_parts_kept():
 def test_sentence_transformer_is_ternarized():
     from sentence_transformers import SentenceTransformer
 
-    from encoder.loading import default_base_model
+    from encoder.base_model import default_base_model
 
     st = SentenceTransformer(default_base_model(), device="cpu")
     ternarize_model(st, "paper")
