@@ -14,6 +14,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 from ingest.kafka_log import KafkaLog
 from tests.eventlogs import produce, read
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,20 @@ def test_a_commit_is_stored_by_the_broker_when_it_returns(kafka, kafka_log, name
     finally:
         admin.close()
     assert {tp.partition: om.offset for tp, om in stored.items() if tp.topic == topic} == want
+    consumer.close()
+
+
+def test_a_consumer_polled_without_waiting_still_joins_and_reads(kafka_log, name_prefix):
+    # The worker polls its bulk lane with timeout 0 while live events flow; kafka-python alone
+    # never completes a group join that way (every 0 ms poll started the join over).
+    topic = f"{name_prefix}-t"
+    kafka_log.ensure_topics({topic: 3}, set())
+    produce(kafka_log, topic, [(f"k{i}", b"%d" % i) for i in range(30)])
+    consumer = kafka_log.consumer([topic], f"{name_prefix}-g")
+    got = []
+    wait_for(lambda: got.extend(consumer.poll(timeout_ms=0)) or len(got) >= 30, timeout=30,
+             what="30 records from 0 ms polls")
+    assert sorted(int(r.value) for r in got) == list(range(30))
     consumer.close()
 
 
