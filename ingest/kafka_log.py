@@ -23,9 +23,12 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import OffsetSpec
 from kafka.errors import (
     CommitFailedError,
+    CoordinatorLoadInProgressError,
+    CoordinatorNotAvailableError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    NotCoordinatorError,
     RebalanceInProgressError,
     TopicAlreadyExistsError,
 )
@@ -128,7 +131,12 @@ class KafkaLog:
                         raise KeyError(f"topic {topic!r} does not exist (ensure_topics creates it)")
                     self._partitions[topic] = len(info["partitions"])
             parts = [TopicPartition(t, p) for t in topics for p in range(self._partitions[t])]
-            committed = monitor.list_group_offsets({group: parts}).get(group, {})
+            try:
+                committed = monitor.list_group_offsets({group: parts}).get(group, {})
+            except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
+                # The broker answered, but its group coordinator is still settling: on a new broker
+                # the offsets topic is created on first use, and no group has committed before that.
+                committed = {}
             ends = monitor.list_partition_offsets({tp: OffsetSpec.LATEST for tp in parts})
             uncommitted = [tp for tp in parts if committed.get(tp) is None or committed[tp].offset < 0]
             starts = monitor.list_partition_offsets({tp: OffsetSpec.EARLIEST for tp in uncommitted}) \

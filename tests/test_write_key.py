@@ -6,6 +6,7 @@ TestClient, and a real uvicorn server for the UI's client).
 
 import threading
 
+import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -54,8 +55,8 @@ def test_the_key_is_a_secret_in_the_settings(monkeypatch):
 @pytest.fixture
 def keyed_service(embedded_runtime):
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(embedded_runtime.recommender, write_key=KEY), host="127.0.0.1",
-                                           port=port, log_level="warning", access_log=False))
+    app = create_app(embedded_runtime.recommender, write_key=KEY)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, what="HTTP server")
@@ -64,7 +65,10 @@ def keyed_service(embedded_runtime):
     thread.join(timeout=10)
 
 
-def test_the_ui_client_sends_the_key(keyed_service, monkeypatch):
+def test_the_ui_client_sends_the_key(keyed_service, embedded_runtime, monkeypatch):
+    # This test's own book (the runtime is per test): the read below needs a searchable item.
+    httpx.post(f"{keyed_service}/events", json=BOOK, headers={"Authorization": f"Bearer {KEY}"}).raise_for_status()
+    wait_for(lambda: "k1" in embedded_runtime.index, what="the keyed write indexed")
     with pytest.raises(ServiceError) as refused:
         ServiceClient(keyed_service).interaction("u1", "k1")
     assert refused.value.status == 401
