@@ -46,7 +46,6 @@ from ingest.settings import BUNDLED_TERNARY_MODEL, REPO_ROOT
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SCIFACT = (REPO_ROOT / ".." / "shared" / "data" / "scifact").resolve()
 CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec"))
 DEFAULT_TERNARY = BUNDLED_TERNARY_MODEL
 RUNTIMES = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int8-fused", "ternary-packed", "ternary-torch",
@@ -66,14 +65,10 @@ def short_texts(n: int) -> list[str]:
 
 
 def long_texts(n: int) -> list[str]:
-    out = []
-    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            d = json.loads(line)
-            out.append((d.get("title", "") + " " + d.get("text", "")).strip())
-            if len(out) == n:
-                break
-    return out
+    from encoder.data import default_data_dir, read_scifact_corpus
+
+    _, titles, abstracts = read_scifact_corpus(default_data_dir())
+    return [(t + " " + a).strip() for t, a in zip(titles[:n], abstracts[:n], strict=True)]
 
 
 def effective_macs(lengths: list[int], cfg: dict) -> float:

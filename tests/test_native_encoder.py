@@ -4,34 +4,28 @@ model on real texts, the reference path forced as on a CPU without AVX2, and a s
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from encoder.ternary_runtime import NativeTernaryEncoder
+from ingest.settings import BUNDLED_TERNARY_MODEL, REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "ternary-minilm"
-SCIFACT = ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
+MODEL = BUNDLED_TERNARY_MODEL
 
 
 def real_texts(n_each: int) -> list[str]:
     """Catalog "title by authors", catalog item texts and SciFact title + abstract (truncated at 256 tokens)."""
+    from encoder.data import default_data_dir, read_scifact_corpus
     from ingest.catalog import load_items
 
     items = load_items()
     texts = [f"{i.title} by {i.authors}" for i in items[:n_each]] + [i.text for i in items[n_each:2 * n_each]]
-    if SCIFACT.is_file():
-        with SCIFACT.open(encoding="utf-8") as f:
-            for line, _ in zip(f, range(n_each), strict=False):
-                d = json.loads(line)
-                texts.append((d.get("title", "") + " " + d.get("text", "")).strip())
-    return texts
+    _, titles, abstracts = read_scifact_corpus(default_data_dir())
+    return texts + [(t + " " + a).strip() for t, a in zip(titles[:n_each], abstracts[:n_each], strict=True)]
 
 
 @pytest.mark.slow
@@ -46,7 +40,7 @@ def test_native_forward_matches_the_torch_reference_on_1200_real_texts():
     from encoder.ternary_torch import TorchTernaryEncoder
 
     texts = real_texts(400)
-    assert len(texts) >= 1200, "needs /work/shared/data/scifact"
+    assert len(texts) >= 1200
     native = NativeTernaryEncoder(MODEL).encode(texts, batch_size=32)
     packed = TorchTernaryEncoder(MODEL, backend="packed").encode(texts, batch_size=32)
     cos = np.sum(native * packed, axis=1)
@@ -70,7 +64,7 @@ def test_reference_path_runs_the_shipped_model():
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=300)
 
 
