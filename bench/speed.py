@@ -120,9 +120,9 @@ def build_runtime(runtime: str, base: str, ternary: str) -> tuple[object, dict]:
     if runtime == "torch-fp32":
         info.update(linear_weight_bytes=lin_bytes, model_bytes_in_memory=params)
     else:
-        from torch.ao.quantization import quantize_dynamic
+        from bench.peers import torch_int8
 
-        enc.model[0].auto_model = quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8)
+        enc = torch_int8(base, THREADS)  # the quality table's peer (quantized in place, really called)
         int8 = sum(m.weight.numel() for m in linears)  # one byte per weight (+ a scale per tensor)
         info.update(linear_weight_bytes=int8, model_bytes_in_memory=params - lin_bytes + int8,
                     file_bytes_note="quantized at load time from the float32 file")
