@@ -21,6 +21,7 @@ import weakref
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import OffsetSpec
+from kafka.coordinator.base import MemberState
 from kafka.errors import (
     CommitFailedError,
     CoordinatorLoadInProgressError,
@@ -37,7 +38,7 @@ from kafka.structs import OffsetAndMetadata
 from ingest.eventlog import Record, Undelivered
 
 log = logging.getLogger(__name__)
-JOIN_POLL_MS = 10  # the shortest poll while a consumer joins its group (see KafkaLogConsumer.poll)
+JOIN_POLL_MS = 100  # the shortest poll while a consumer joins or rejoins its group (see KafkaLogConsumer.poll)
 
 
 class KafkaLog:
@@ -298,10 +299,13 @@ class KafkaLogConsumer:
         self._closed = False
 
     def poll(self, max_records: int = 500, timeout_ms: int = 100) -> list[Record]:
-        if not self._consumer.assignment():
-            # Joining the group: kafka-python 3.0 never finishes a join polled with timeout 0 (it
-            # starts over on the next poll; measured: no assignment after 8 s of 0 ms polls, 0.12 s
-            # at 10 ms). The worker polls its bulk lane with 0 while live events flow.
+        if not self._in_stable_group():
+            # Joining the group, or rejoining it for a rebalance: kafka-python 3.0.12 (pinned) does not
+            # finish either reliably when polled with short timeouts. Measured on a 4-partition topic,
+            # a member holding every partition while a second one joins: polled with 1 ms it kept them
+            # all for 25 s in 8 of 8 trials (0 ms: 20 s in the one trial run); with 10 ms the split took
+            # 1.2-17 s or never happened (2 of 8); with 30 and 100 ms it took 1.1-1.4 s in 8 of 8. The worker polls its
+            # bulk lane with 0 while live events flow, so that lane would stall.
             timeout_ms = max(timeout_ms, JOIN_POLL_MS)
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         out: list[Record] = []
@@ -312,6 +316,12 @@ class KafkaLogConsumer:
             if records:
                 self._polled[tp] = max(self._polled.get(tp, 0), records[-1].offset + 1)
         return out
+
+    def _in_stable_group(self) -> bool:
+        # The consumer has no public "rebalancing" flag; its coordinator has the member's state.
+        coordinator = self._consumer._coordinator
+        return (bool(self._consumer.assignment()) and coordinator.state is MemberState.STABLE
+                and not coordinator.need_rejoin())
 
     def commit(self, records: list[Record] | None = None) -> None:
         """Commits offset+1 of the highest given record per partition (None: everything poll

@@ -55,6 +55,27 @@ def test_a_consumer_polled_without_waiting_still_joins_and_reads(kafka_log, name
     consumer.close()
 
 
+def test_a_member_polled_without_waiting_still_gives_up_partitions_to_a_new_member(kafka_log, name_prefix):
+    # The same for a rebalance: a member that already holds partitions and is polled only with
+    # 0 ms must still rejoin, or the newcomer waits for ever and the partitions it should own stall.
+    topic, group = f"{name_prefix}-t", f"{name_prefix}-g"
+    kafka_log.ensure_topics({topic: 4}, set())
+    first = kafka_log.consumer([topic], group)
+    wait_for(lambda: first.poll(timeout_ms=0) is not None and len(first.assignment()) == 4, timeout=30,
+             what="the first member owns all four partitions")
+    second = kafka_log.consumer([topic], group)
+
+    def split() -> bool:
+        first.poll(timeout_ms=0)
+        second.poll(timeout_ms=100)
+        a, b = first.assignment(), second.assignment()
+        return bool(a) and bool(b) and not (a & b) and len(a | b) == 4
+
+    wait_for(split, timeout=30, what="the partitions split between the two members")
+    first.close()
+    second.close()
+
+
 def topic_config(bootstrap: str, topic: str) -> dict[str, str]:
     """The topic's non-default configuration, e.g. {"cleanup.policy": "compact"}."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
