@@ -27,26 +27,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CACHE = Path(os.environ.get("TERNREC_CACHE", Path.home() / ".cache" / "ternrec")) / "footprint"
 
 
+def converted(model: Path, storage: str) -> Path:
+    """A cached copy of `model` with its token table stored as `storage`."""
+    from encoder.ternary_export import convert_token_embedding
+
+    d = CACHE / f"{model.name}-{(model / 'model.safetensors').stat().st_mtime_ns}-{storage}"
+    if not (d / "config.json").is_file():
+        convert_token_embedding(model, d, storage)
+    return d
+
+
 def measure(model: Path, storages: list[str]) -> dict:
     from encoder.base_model import default_base_model
     from encoder.data import catalog_texts
     from encoder.evaluate import neighbour_recall
-    from encoder.ternary_export import convert_token_embedding
-    from encoder.ternary_format import model_file_bytes
+    from encoder.ternary_format import QUANTIZED, model_file_bytes, read_config
     from encoder.ternary_runtime import NativeTernaryEncoder
 
     _, items, _ = catalog_texts()
-    ref_enc = NativeTernaryEncoder(model)
+    # The reference is the same model with a float table: the model itself, or (for a quantized table,
+    # such as the shipped model's) a copy re-stored from the float original.
+    reference = model if read_config(model)["token_embedding"]["storage"] not in QUANTIZED else \
+        converted(model, "float32")
+    ref_enc = NativeTernaryEncoder(reference)
     ref = ref_enc.encode(items)
     fp32 = (Path(default_base_model()) / "model.safetensors").stat().st_size
     out = {"model": str(model), "fp32_model_file_bytes": fp32, "variants": {}}
-    nb = ref_enc.nbytes()
     out["variants"][ref_enc.config["token_embedding"]["storage"]] = {
-        "in_memory": nb, "model_file_bytes": model_file_bytes(model)["model.safetensors"]}
+        "in_memory": ref_enc.nbytes(), "model_file_bytes": model_file_bytes(reference)["model.safetensors"]}
     for storage in storages:
-        d = CACHE / f"{model.name}-{(model / 'model.safetensors').stat().st_mtime_ns}-{storage}"
-        if not (d / "config.json").is_file():
-            convert_token_embedding(model, d, storage)
+        d = converted(model, storage)
         enc = NativeTernaryEncoder(d)
         e = enc.encode(items)
         cos = np.sum(e * ref, axis=1)

@@ -196,7 +196,9 @@ def save_ternary_model(student, out_dir: str | os.PathLike, base_model: str,
 
 def convert_token_embedding(src: str | os.PathLike, dst: str | os.PathLike, storage: str) -> Path:
     """Copies a model directory, re-storing its token-embedding table as `storage` ("base", "float32" or a
-    quantized one); everything else is copied bit for bit. Quantizing twice is refused."""
+    quantized one); everything else is copied bit for bit. A table is never quantized twice: a quantized one
+    is re-stored from its float original, which only the base model can provide (the sha256 it was saved
+    with must match the base model's table); otherwise conversion is refused."""
     from safetensors.numpy import save_file
 
     from encoder.ternary_format import base_token_embeddings, read_config
@@ -206,9 +208,17 @@ def convert_token_embedding(src: str | os.PathLike, dst: str | os.PathLike, stor
     tensors = load_tensors(src)
     info = cfg["token_embedding"]
     if info["storage"] in QUANTIZED:
-        raise ValueError(f"{src}: token embeddings are already {info['storage']}; convert from the float model")
-    word = base_token_embeddings(cfg, src) if info["storage"] == "base" else \
-        np.ascontiguousarray(tensors.pop(WORD_EMB), dtype=np.float32)
+        try:
+            word = base_token_embeddings(cfg, src)
+        except ValueError:
+            raise ValueError(f"{src}: token embeddings are already {info['storage']} and their float original is "
+                             "not the base model's table; convert from the float model") from None
+        for name in (f"{WORD_EMB}.{info['storage']}", f"{WORD_EMB}.row_scale"):
+            tensors.pop(name)
+    elif info["storage"] == "base":
+        word = base_token_embeddings(cfg, src)
+    else:
+        word = np.ascontiguousarray(tensors.pop(WORD_EMB), dtype=np.float32)
     if storage == "base":
         if sha256_float32(word) != info["sha256_float32"] or info["storage"] != "base" and \
                 sha256_float32(read_base_tensor(resolve_base(cfg["base_model"]), WORD_EMB)) != sha256_float32(word):

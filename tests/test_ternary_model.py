@@ -166,6 +166,12 @@ def test_token_embedding_compression(tiny_vector, tmp_path, storage, bits, scale
     e = comp.encode(TEXTS)
     assert min_cos(e, full.encode(TEXTS)) > min_cos_
     np.testing.assert_array_equal(NativeTernaryEncoder(converted).encode(TEXTS), e)  # same codes either way
+    # and back: a quantized copy of the base model's table is re-stored from that float original
+    back = convert_token_embedding(out, tmp_path / f"back-{storage}", "float32")
+    np.testing.assert_array_equal(NativeTernaryEncoder(back).encode(TEXTS), full.encode(TEXTS))
+    # never quantized twice: re-storing it as the same storage quantizes the original again, to the same codes
+    again = convert_token_embedding(out, tmp_path / f"again-{storage}", storage)
+    np.testing.assert_array_equal(NativeTernaryEncoder(again).encode(TEXTS), e)
     # the torch reference dequantizes the same table the same way
     ref = NativeTernaryEncoder(out, kernel_path="reference").encode(TEXTS)
     assert min_cos(TorchTernaryEncoder(out, backend="packed").encode(TEXTS), ref) > 0.9995
@@ -197,6 +203,10 @@ def test_changed_embeddings_are_stored_and_base_mismatch_is_refused(tiny, tmp_pa
         assert json.loads((out / "config.json").read_text())["token_embedding"]["storage"] == "float32"
         with pytest.raises(ValueError, match="differ"):
             save_ternary_model(student, tmp_path / "b", base_model=str(base), token_embedding="base")
+        # its quantized copy has no float original to come back to
+        quantized = save_ternary_model(student, tmp_path / "q", base_model=str(base), token_embedding="int8")
+        with pytest.raises(ValueError, match="not the base model's table"):
+            convert_token_embedding(quantized, tmp_path / "f", "float32")
     finally:
         with torch.no_grad():
             student.embeddings.word_embeddings.weight[5] -= 1.0
