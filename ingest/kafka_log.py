@@ -1,8 +1,9 @@
 """`KafkaLog`: the event-log interface of ingest/eventlog.py on a real Kafka cluster.
 
 The one place that talks to Kafka (kafka-python). Producers are durable-by-default (acks=all,
-idempotent, unbounded retries within a delivery timeout, ~5 ms batching) and surface a failed
-delivery at `flush()`, so a caller that flushes before committing its input never loses a record.
+unbounded retries within a delivery timeout, one request in flight so retries keep their order,
+~5 ms batching) and surface a failed delivery at `flush()`, so a caller that flushes before
+committing its input never loses a record. A retry may duplicate a record (see KafkaLogProducer).
 Consumers are consumer-group members with manual, synchronous commits.
 
 Nothing waits unboundedly for a broker that has gone away: a commit gives up after
