@@ -221,9 +221,9 @@ class KafkaLogProducer:
             # Not idempotent: kafka-python 3.0.12's idempotent producer, once a batch expires (the
             # broker away longer than delivery_timeout_ms), resets its producer id to -1 and never
             # gets a new one, so every later record expires too (seen: POST /events answered 503
-            # for 60 s after the broker was back, in 5 of 9 outage-test runs; 0 of 5 since). One request in flight
-            # keeps retries in order; a retry may duplicate a record, which at-least-once allows and
-            # the consumers absorb (versioned item writes, the seen-set for interactions).
+            # for 60 s after the broker was back, in 5 of 9 outage-test runs; 0 of 5 since). One
+            # request in flight keeps retries in order; a retry may duplicate a record, which
+            # at-least-once allows and the consumers absorb (versioned item writes, the seen-set).
             enable_idempotence=False,
             max_in_flight_requests_per_connection=1,
             retries=2**31 - 1,  # bounded by delivery_timeout_ms instead
@@ -311,9 +311,9 @@ class KafkaLogConsumer:
             # Joining the group, or rejoining it for a rebalance: kafka-python 3.0.12 (pinned) does not
             # finish either reliably when polled with short timeouts. Measured on a 4-partition topic,
             # a member holding every partition while a second one joins: polled with 1 ms it kept them
-            # all for 25 s in 8 of 8 trials (0 ms: 20 s in the one trial run); with 10 ms the split took
-            # 1.2-17 s or never happened (2 of 8); with 30 and 100 ms it took 1.1-1.4 s in 8 of 8. The worker polls its
-            # bulk lane with 0 while live events flow, so that lane would stall.
+            # all for 25 s in 8 of 8 trials (0 ms: 20 s in the one trial run); with 10 ms the split
+            # took 1.2-17 s or never happened (2 of 8); with 30 and 100 ms it took 1.1-1.4 s in 8 of 8.
+            # The worker polls its bulk lane with 0 while live events flow, so that lane would stall.
             timeout_ms = max(timeout_ms, JOIN_POLL_MS)
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         out: list[Record] = []
