@@ -160,6 +160,13 @@ class KafkaLog:
         self._children.add(c)
         return c
 
+    def reader(self, topics: list[str]) -> KafkaLogConsumer:
+        """Every partition of `topics` from the beginning, with no group: no coordinator, no
+        heartbeats, no rebalances, nothing committed (see KafkaLogConsumer for why that matters)."""
+        c = KafkaLogConsumer(self, topics, None, from_beginning=True)
+        self._children.add(c)
+        return c
+
     def close(self) -> None:
         """Closes the admin client and every producer/consumer this log handed out."""
         for child in list(self._children):
@@ -278,9 +285,16 @@ class KafkaLogProducer:
 
 
 class KafkaLogConsumer:
-    """A consumer-group member; offsets are committed only by `commit()`, synchronously."""
+    """A consumer-group member; offsets are committed only by `commit()`, synchronously.
 
-    def __init__(self, owner: KafkaLog, topics: list[str], group: str, from_beginning: bool) -> None:
+    With `group` None, a reader of every partition (KafkaLog.reader). A replica's index needs
+    every record, and a group of its own per replica brought kafka-python 3.0.12's coordinator
+    along for nothing: with two replicas after a 10,000-item backfill, in 5 of 11 runs one
+    replica's poll ran its fetch loop with a zero wait (the coordinator's time to the next
+    heartbeat stuck at 0) and kept a core busy while idle, for minutes.
+    """
+
+    def __init__(self, owner: KafkaLog, topics: list[str], group: str | None, from_beginning: bool) -> None:
         self.group = group
         self._commit_timeout_ms = owner.commit_timeout_ms
         self._close_timeout_ms = owner.close_timeout_ms
@@ -297,17 +311,22 @@ class KafkaLogConsumer:
         )
         # Metadata first, then subscribe: a member that joins before it knows the topic's
         # partitions gets an empty assignment and waits for the next metadata refresh.
+        partitions = {}
         for topic in topics:
-            if not self._consumer.partitions_for_topic(topic):
+            partitions[topic] = self._consumer.partitions_for_topic(topic)
+            if not partitions[topic]:
                 self._consumer.close(autocommit=False)
                 raise KeyError(f"topic {topic!r} does not exist (ensure_topics creates it)")
-        self._consumer.subscribe(list(topics))
+        if group is None:
+            self._consumer.assign([TopicPartition(t, p) for t, ps in partitions.items() for p in sorted(ps)])
+        else:
+            self._consumer.subscribe(list(topics))
         self._polled: dict[TopicPartition, int] = {}  # next offset after what poll returned
         self._committed: dict[TopicPartition, int] = {}
         self._closed = False
 
     def poll(self, max_records: int = 500, timeout_ms: int = 100) -> list[Record]:
-        if not self._in_stable_group():
+        if self.group is not None and not self._in_stable_group():
             # Joining the group, or rejoining it for a rebalance: kafka-python 3.0.12 (pinned) does not
             # finish either reliably when polled with short timeouts. Measured on a 4-partition topic,
             # a member holding every partition while a second one joins: polled with 1 ms it kept them
@@ -341,6 +360,8 @@ class KafkaLogConsumer:
         are delivered again from the last committed offset, which at-least-once allows and
         idempotent writes absorb. A commit never moves an offset back.
         """
+        if self.group is None:
+            raise TypeError("a reader belongs to no group: it has nothing to commit")
         if records is None:
             wanted = dict(self._polled)
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 
@@ -121,6 +122,10 @@ class InProcessLog:
             self._members.setdefault(group, []).append(consumer)
             self._rebalance(group)
         return consumer
+
+    def reader(self, topics: list[str]) -> InProcessConsumer:
+        """A consumer alone in a private group: every partition, from the beginning."""
+        return self.consumer(topics, f"reader-{uuid.uuid4().hex}")
 
     def _rebalance(self, group: str) -> None:
         """Range assignment of every subscribed partition over the group's members."""

@@ -3,7 +3,7 @@
 `Recommender` answers from the in-memory FAISS index (`ItemIndex`, which also keeps every searchable
 item's metadata: similar items need no Redis round trip) and Redis (`Store`: profiles, seen sets);
 every answer carries its per-stage latency. `IndexUpdater` bootstraps the index from Redis and keeps
-it fresh from the `item-embeddings` topic (read by every replica with a group of its own, from the
+it fresh from the `item-embeddings` topic (read whole by every replica, in no consumer group, from the
 beginning: the topic is compacted and the index is versioned, so old changes are no-ops and nothing
 between bootstrap and subscription is missed). `LaneMonitor` measures each lane's backlog at the
 encoder workers, which also tells whether the broker answers.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -288,13 +287,13 @@ class IndexUpdater:
     """Bootstraps the index from Redis, then applies `item-embeddings` as it arrives."""
 
     def __init__(self, event_log: EventLog, store: Store, index: ItemIndex, settings: Settings,
-                 metrics: Metrics, group: str | None = None):
+                 metrics: Metrics):
         self.store = store
         self.index = index
         self.metrics = metrics
-        # A group of its own per replica: every replica must see every change.
+        # A reader, in no group: every replica must see every change.
         self.topic = settings.topic_item_embeddings
-        self.consumer = event_log.consumer([self.topic], group or f"recommender-{uuid.uuid4().hex[:12]}")
+        self.consumer = event_log.reader([self.topic])
         self.ready = threading.Event()
 
     def bootstrap(self) -> int:

@@ -191,3 +191,27 @@ def test_a_send_can_be_waited_for(case):
     assert delivery.done() and delivery.error() is None
     assert [r.value for r in read(case.log.consumer([topic], case.group()), 1)] == [b"v"]
     producer.close()
+
+
+def test_readers_each_get_every_partition_from_the_beginning_outside_the_groups(case):
+    # What every replica's index follows: each reader sees every record, the ones sent before it
+    # started and after, whatever groups read the same topic meanwhile.
+    topic = case.topic(3)
+    produce(case.log, topic, [(f"k{i}", b"%d" % i) for i in range(60)])
+    readers = [case.log.reader([topic]) for _ in range(2)]
+    member = case.log.consumer([topic], case.group())
+    produce(case.log, topic, [(f"k{i}", b"%d" % i) for i in range(60, 90)])
+    for reader in readers:
+        got = read(reader, 90) + drain(reader, quiet=case.quiet)
+        assert sorted(int(r.value) for r in got) == list(range(90))
+        assert reader.lag() == 0
+    # The readers took nothing from the group: its one member owns every partition.
+    assert len(read(member, 90)) == 90
+    assert member.assignment() == {(topic, p) for p in range(3)}
+    produce(case.log, topic, [("k", b"late")] * 4)
+    wait_for_lag = time.monotonic() + 10
+    while readers[0].lag() != 4:
+        assert time.monotonic() < wait_for_lag, f"reader lag {readers[0].lag()}, 4 records unread"
+        time.sleep(0.05)
+    for c in (*readers, member):
+        c.close()

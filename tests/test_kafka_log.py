@@ -120,3 +120,20 @@ def test_producer_flush_raises_when_delivery_fails(kafka_log, name_prefix):
     with pytest.raises(Exception, match="(?i)too large|MessageSize|not delivered"):
         p.send(topic, b"x" * (2 * 1024 * 1024))
         p.flush(timeout=30)
+
+
+def test_a_reader_joins_no_group_and_commits_nothing(kafka, kafka_log, name_prefix):
+    topic = f"{name_prefix}-t"
+    kafka_log.ensure_topics({topic: 2}, set())
+    produce(kafka_log, topic, [(f"k{i}", b"%d" % i) for i in range(20)])
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    try:
+        groups_before = {g["group_id"] for g in admin.list_groups()}
+        reader = kafka_log.reader([topic])
+        assert len(read(reader, 20)) == 20
+        assert {g["group_id"] for g in admin.list_groups()} == groups_before
+    finally:
+        admin.close()
+    with pytest.raises(TypeError, match="nothing to commit"):
+        reader.commit()
+    reader.close()
