@@ -11,7 +11,11 @@ still at that scale but cannot remove vectors, so deletes would need periodic re
 
 Versions: every item keeps the (ts, event_id) of the change that produced its vector (tombstones
 too), so replaying `item-embeddings` from the beginning, or receiving changes out of order, never
-lets an older change win. All methods are thread-safe.
+lets an older change win. All methods are thread-safe. Only `apply` and the FAISS scan take the
+index lock; the per-request reads (`vector`, `metadata`, membership) are single dict operations,
+atomic under the GIL, on entries `apply` replaces whole and never changes in place: so a request's
+lookup and hydration never wait behind another request's scan (they did, and at 10 concurrent
+clients a replica spent more time waiting on that lock than searching).
 
 Search: concurrent queries share one scan of the vectors (see `search`).
 
@@ -49,6 +53,7 @@ class ItemIndex:
         self._versions: dict[str, tuple[float, str]] = {}
         self._live: set[str] = set()
         self._metadata: dict[str, dict] = {}  # searchable item -> its metadata, when its change had it
+        self._vectors: dict[str, np.ndarray] = {}  # searchable item -> its vector (what FAISS holds)
         self._lock = threading.Lock()
         self._waiting: list[_Search] = []  # queries waiting for a scan
         self._waiting_lock = threading.Lock()
@@ -96,10 +101,13 @@ class ItemIndex:
                 ids = np.array([self._faiss_id(c.item_id) for c in upserts], dtype=np.int64)
                 vectors = np.stack([c.embedding for c in upserts]).astype(np.float32)
                 self._index.add_with_ids(vectors, ids)
+                for c, row in zip(upserts, vectors, strict=True):
+                    self._vectors[c.item_id] = row.copy()  # its own buffer: no batch kept alive by one row
             for c in fresh:
                 self._versions[c.item_id] = (c.ts, c.event_id)
                 if c.deleted:
                     self._live.discard(c.item_id)
+                    self._vectors.pop(c.item_id, None)
                 else:
                     self._live.add(c.item_id)
                 if c.deleted or c.metadata is None:  # none carried: the caller asks the store
@@ -110,8 +118,7 @@ class ItemIndex:
 
     def metadata(self, item_ids: list[str]) -> dict[str, dict]:
         """The metadata of those of `item_ids` that are searchable and have it here."""
-        with self._lock:
-            return {i: self._metadata[i] for i in item_ids if i in self._metadata}
+        return {i: m for i in item_ids if (m := self._metadata.get(i)) is not None}
 
     def _faiss_id(self, item_id: str) -> int:
         fid = self._ids.get(item_id)
@@ -121,10 +128,8 @@ class ItemIndex:
         return fid
 
     def vector(self, item_id: str) -> np.ndarray | None:
-        with self._lock:
-            if item_id not in self._live:
-                return None
-            return self._index.reconstruct(self._ids[item_id])
+        """The item's vector (None unless searchable); shared: the caller must not modify it."""
+        return self._vectors.get(item_id)
 
     def search(self, query: np.ndarray, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
         """The k best items by inner product with `query`, skipping `exclude`.

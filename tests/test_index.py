@@ -40,3 +40,25 @@ def test_concurrent_searches_share_a_scan_and_answer_as_each_alone():
     for q, _ in queries:
         assert [i for i, _ in together[q]] == [i for i, _ in alone[q]]
         assert [s for _, s in together[q]] == pytest.approx([s for _, s in alone[q]], abs=1e-5)
+
+
+def test_lookups_and_hydration_do_not_wait_behind_a_scan():
+    index = ItemIndex()
+    v = np.ones(4, np.float32) / 2
+    index.apply([ItemChange("a", 1.0, "e", False, v, {"title": "A"}),
+                 ItemChange("b", 1.0, "e", False, -v, {"title": "B"})])
+    answers = {}
+
+    def read():
+        answers["vector"] = index.vector("a")
+        answers["metadata"] = index.metadata(["a", "b", "gone"])
+
+    with index._lock:  # what a scan (or an update) holds while FAISS runs
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(timeout=5)
+        assert not reader.is_alive(), "a lookup waited for the index lock"
+    np.testing.assert_array_equal(answers["vector"], v)
+    assert answers["metadata"] == {"a": {"title": "A"}, "b": {"title": "B"}}
+    index.apply([ItemChange("a", 2.0, "e2", True, None)])  # deleted: neither vector nor metadata
+    assert index.vector("a") is None and index.metadata(["a"]) == {}
