@@ -105,3 +105,10 @@ def test_the_profile_vector_is_the_decayed_sum_across_one_batch(store):
     store.apply_interactions([read("u", "a", ts=10.0), read("u", "b", ts=10.0 + store_module.PROFILE_HALF_LIFE_S)],
                              {"a": a, "b": b})
     assert store.user_profile("u").vector == pytest.approx([0.5, 1.0])  # a has decayed by one half-life
+
+
+def test_raw_withscores_replies_parse_in_both_protocols():
+    # RESP3 (hiredis against redis-server) nests the pairs, RESP2 (fakeredis) sends them flat.
+    assert store_module._scored_pairs([[b"x", 3.0], [b"y", 1.0]]) == [("x", 3.0), ("y", 1.0)]
+    assert store_module._scored_pairs([b"x", b"3", b"y", b"1"]) == [("x", 3.0), ("y", 1.0)]
+    assert store_module._scored_pairs([]) == []
