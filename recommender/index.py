@@ -51,9 +51,9 @@ class ItemIndex:
         self._ids: dict[str, int] = {}  # item id -> faiss id, stable for the life of the process
         self._item_of: dict[int, str] = {}
         self._versions: dict[str, tuple[float, str]] = {}
-        self._live: set[str] = set()
         self._metadata: dict[str, dict] = {}  # searchable item -> its metadata, when its change had it
-        self._vectors: dict[str, np.ndarray] = {}  # searchable item -> its vector (what FAISS holds)
+        # Searchable item -> its vector (what FAISS holds): its keys are the searchable items.
+        self._vectors: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._waiting: list[_Search] = []  # queries waiting for a scan
         self._waiting_lock = threading.Lock()
@@ -63,10 +63,10 @@ class ItemIndex:
         return faiss.IndexIDMap2(faiss.index_factory(dim, self.factory, faiss.METRIC_INNER_PRODUCT))
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._vectors)
 
     def __contains__(self, item_id: str) -> bool:
-        return item_id in self._live
+        return item_id in self._vectors
 
     def train(self, vectors: np.ndarray) -> None:
         """Only for trained factories (IVF...): fit the coarse quantizer on sample vectors."""
@@ -89,7 +89,7 @@ class ItemIndex:
                      if (c.ts, c.event_id) >= self._versions.get(c.item_id, (-1.0, ""))]
             if not fresh:
                 return []
-            stale_ids = np.array([self._ids[c.item_id] for c in fresh if c.item_id in self._live],
+            stale_ids = np.array([self._ids[c.item_id] for c in fresh if c.item_id in self._vectors],
                                  dtype=np.int64)
             if len(stale_ids):
                 self._index.remove_ids(stale_ids)
@@ -106,10 +106,7 @@ class ItemIndex:
             for c in fresh:
                 self._versions[c.item_id] = (c.ts, c.event_id)
                 if c.deleted:
-                    self._live.discard(c.item_id)
                     self._vectors.pop(c.item_id, None)
-                else:
-                    self._live.add(c.item_id)
                 if c.deleted or c.metadata is None:  # none carried: the caller asks the store
                     self._metadata.pop(c.item_id, None)
                 else:
@@ -140,7 +137,7 @@ class ItemIndex:
         """
         # A few spare results so that equal scores are ordered by item id, not by insertion order
         # (a rebuilt index then answers exactly as the one it replaces).
-        want = min(k + len(exclude) + TIE_SLACK, len(self._live))
+        want = min(k + len(exclude) + TIE_SLACK, len(self._vectors))
         if want <= 0:
             return []
         search = _Search(np.ascontiguousarray(query, dtype=np.float32).reshape(self.dim), want)
@@ -162,7 +159,7 @@ class ItemIndex:
             _thread.single_omp = True
         queries = np.stack([b.query for b in batch])
         with self._lock:
-            want = min(max(b.want for b in batch), len(self._live))
+            want = min(max(b.want for b in batch), len(self._vectors))
             if want <= 0:  # everything was deleted meanwhile
                 for b in batch:
                     b.found = []

@@ -20,6 +20,7 @@ import pytest
 from ingest.eventlog import EventLog, Record
 from ingest.memory_log import InProcessLog
 from tests.eventlogs import drain, produce, read, wait_assigned
+from tests.waiting import wait_for
 
 
 @dataclass
@@ -209,9 +210,6 @@ def test_readers_each_get_every_partition_from_the_beginning_outside_the_groups(
     assert len(read(member, 90)) == 90
     assert member.assignment() == {(topic, p) for p in range(3)}
     produce(case.log, topic, [("k", b"late")] * 4)
-    wait_for_lag = time.monotonic() + 10
-    while readers[0].lag() != 4:
-        assert time.monotonic() < wait_for_lag, f"reader lag {readers[0].lag()}, 4 records unread"
-        time.sleep(0.05)
+    wait_for(lambda: readers[0].lag() == 4, timeout=10, what="a reader's lag of the 4 records it has not read")
     for c in (*readers, member):
         c.close()
