@@ -163,11 +163,12 @@ def user_candidates(store: Store, emb: np.ndarray, items: list[str], pos: dict[s
         masked[[pos[b] for b in profile.seen]] = -np.inf
         top = np.argpartition(-masked, params.content_candidates)[:params.content_candidates]
         hits = sorted(((items[t], float(sims[t])) for t in top), key=lambda h: (-h[1], h[0]))
-    neighbours, support = store.coread_evidence(recent, also_count=[j for j, _ in hits])
+    coread, support = store.coread_scores(recent, profile.seen, params.coread_candidates,
+                                          also_count=[j for j, _ in hits], k=params.coread_per_book)
 
     def content_of(ids):
         return {} if sims is None else {j: float(sims[pos[j]]) for j in ids}
-    return candidates(recent, neighbours, support, hits, content_of, profile.seen, params), support
+    return candidates(coread, hits, content_of, params), support
 
 
 def hybrid_ranks(store: Store, emb: np.ndarray, split: Split, users: dict[str, str],
@@ -177,7 +178,8 @@ def hybrid_ranks(store: Store, emb: np.ndarray, split: Split, users: dict[str, s
     out = {p: np.full(len(users), K) for p in grid}
     by_candidates: dict[tuple, list[BlendParams]] = {}
     for p in grid:  # candidates depend on these three only: gathered once per group
-        by_candidates.setdefault((p.recent_books, p.coread_candidates, p.content_candidates), []).append(p)
+        by_candidates.setdefault((p.recent_books, p.coread_per_book, p.coread_candidates, p.content_candidates),
+                                 []).append(p)
     for group in by_candidates.values():
         for n, (user, held) in enumerate(users.items()):
             found, support = user_candidates(store, emb, split.item_ids, pos, user, group[0])
@@ -190,11 +192,14 @@ def hybrid_ranks(store: Store, emb: np.ndarray, split: Split, users: dict[str, s
 
 def tune(store: Store, emb: np.ndarray, split: Split) -> tuple[BlendParams, list[dict]]:
     """The blend weights with the best validation HitRate@10 (ties: the smaller co-read weight)."""
-    grid = [replace(DEFAULT_PARAMS, coread_weight=w, support_half=s, recent_books=r) for r in (10, 20)
-            for w in (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0) for s in (0.0, 2.0, 5.0, 20.0, 50.0)]
+    # (recent books, neighbours read per book): about the same 1,000 entries read per request
+    grid = [replace(DEFAULT_PARAMS, coread_weight=w, support_half=s, recent_books=r, coread_per_book=k)
+            for r, k in ((20, 50), (30, 30), (50, 20))
+            for w in (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0) for s in (0.0, 2.0, 5.0, 20.0)]
     ranks = hybrid_ranks(store, emb, split, split.valid, grid)
-    table = [{"recent_books": p.recent_books, "coread_weight": p.coread_weight, "support_half": p.support_half,
-              **metrics(r)} for p, r in ranks.items()]
+    table = [{"recent_books": p.recent_books, "coread_per_book": p.coread_per_book,
+              "coread_weight": p.coread_weight, "support_half": p.support_half, **metrics(r)}
+             for p, r in ranks.items()]
     best = max(ranks, key=lambda p: (metrics(ranks[p])["hitrate@10"], -p.coread_weight))
     return best, table
 
@@ -351,7 +356,8 @@ def markdown(r: dict) -> str:
                      f"`POST /events`, asked over HTTP) | {fmt(s)} |")
     lines += ["", f"Blend weights chosen on {r['valid_users']} validation users (not test users): co-read weight "
               f"{chosen['coread_weight']}, support half {chosen['support_half']} interactions, the "
-              f"{chosen['recent_books']} newest books, {chosen['coread_candidates']} co-read + "
+              f"{chosen['recent_books']} newest books and the {chosen['coread_per_book']} strongest co-read "
+              f"neighbours of each, {chosen['coread_candidates']} co-read + "
               f"{chosen['content_candidates']} content candidates (grid in reports/recommendation.json).", "",
               f"Cold books: all interactions of {cold['hidden_books']} random books (10%, seed 2) hidden; "
               f"{cold['users']} test users whose held-out book is one of them.", "",

@@ -5,7 +5,8 @@ Pure functions on plain data, so the service (`Recommender.recommend`) and the o
 
 - co-read: cf(j) = sum over i in R of c_ij / sqrt(n_i * n_j), the item-item cosine of the
   co-occurrence counts c_ij (recommender/store.py's co-read model: users who wanted i also wanted j)
-  with n_i the item's distinct users; `because` is the i that contributes most.
+  with n_i the item's distinct users; `because` is the i that contributes most. The Store computes
+  it where the counts live (`Store.coread_scores`) and hands over the best candidates only.
 - content: ct(j) = cosine between the user's profile vector and j's embedding.
 - candidates: the `coread_candidates` best by cf and the `content_candidates` best by ct (the
   FAISS neighbours of the profile); seen books never.
@@ -24,7 +25,6 @@ Pure functions on plain data, so the service (`Recommender.recommend`) and the o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +39,7 @@ class BlendParams:
     coread_weight: float = 0.8
     support_half: float = 5.0
     recent_books: int = 20
+    coread_per_book: int = 50  # each recent book's strongest co-read neighbours read
     coread_candidates: int = 100
     content_candidates: int = 100
 
@@ -55,27 +56,6 @@ class Pick:
     content: float  # ct(j)
     because: str | None  # the recent book the co-read evidence came from (None: content only)
     signal: Signal
-
-
-def coread_scores(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, float]]],
-                  support: Mapping[str, float], exclude: set[str] | frozenset[str] = frozenset(),
-                  ) -> dict[str, tuple[float, str]]:
-    """j -> (cf(j), the recent book contributing most), from each recent book's neighbour list."""
-    total: dict[str, float] = {}
-    best: dict[str, tuple[float, str]] = {}
-    for book, row in zip(recent, neighbours, strict=True):
-        n_book = support.get(book, 0.0)
-        if n_book <= 0:
-            continue
-        for j, count in row:
-            n_j = support.get(j, 0.0)
-            if j in exclude or n_j <= 0:
-                continue
-            part = count / math.sqrt(n_book * n_j)
-            total[j] = total.get(j, 0.0) + part
-            if part > best.get(j, (0.0, ""))[0]:
-                best[j] = (part, book)
-    return {j: (score, best[j][1]) for j, score in total.items()}
 
 
 @dataclass(frozen=True)
@@ -135,13 +115,11 @@ def blend_scores(cf: np.ndarray, ct: np.ndarray, n: np.ndarray, params: BlendPar
     return cf_part + ct_part, cf_part, ct_part
 
 
-def candidates(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, float]]],
-               support: Mapping[str, float], content_hits: Sequence[tuple[str, float]],
-               content_of: Callable[[list[str]], Mapping[str, float]], seen: set[str], params: BlendParams,
-               ) -> Candidates:
-    """The co-read and content candidates. `content_hits` are the profile's best items by content,
-    best first, seen ones excluded; `content_of(ids)` gives ct for the co-read candidates outside them."""
-    coread = coread_scores(recent, neighbours, support, exclude=seen)
+def candidates(coread: Mapping[str, tuple[float, str]], content_hits: Sequence[tuple[str, float]],
+               content_of: Callable[[list[str]], Mapping[str, float]], params: BlendParams) -> Candidates:
+    """The co-read and content candidates. `coread` is j -> (cf(j), the recent book it came from)
+    (Store.coread_scores), `content_hits` the profile's best items by content, best first; seen books
+    are in neither. `content_of(ids)` gives ct for the co-read candidates outside the content hits."""
     best = sorted(coread, key=lambda j: (-coread[j][0], j))[:params.coread_candidates]
     hits = content_hits[:params.content_candidates]
     content = dict(hits)
@@ -151,8 +129,8 @@ def candidates(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, f
     return Candidates({j: coread[j] for j in best}, content, {j: r for r, (j, _) in enumerate(hits)})
 
 
-def rank(recent: Sequence[str], neighbours: Sequence[Sequence[tuple[str, float]]], support: Mapping[str, float],
+def rank(coread: Mapping[str, tuple[float, str]], support: Mapping[str, float],
          content_hits: Sequence[tuple[str, float]], content_of: Callable[[list[str]], Mapping[str, float]],
-         seen: set[str], params: BlendParams, k: int) -> list[Pick]:
+         params: BlendParams, k: int) -> list[Pick]:
     """The k best picks for a user: `candidates`, then `blend`."""
-    return blend(candidates(recent, neighbours, support, content_hits, content_of, seen, params), support, params, k)
+    return blend(candidates(coread, content_hits, content_of, params), support, params, k)

@@ -95,10 +95,8 @@ class Recommender:
             params = self.blend if signal == "blend" else COREAD_ONLY
             hits = self.index.search(vector, params.content_candidates, exclude={item_id}) \
                 if params.content_candidates else []
-            neighbours, support = self.store.coread_evidence([item_id], also_count=[j for j, _ in hits])
-            neighbours = [[(j, c) for j, c in row if j in self.index] for row in neighbours]
-            picks = rank([item_id], neighbours, support, hits, lambda ids: self._content_of(vector, ids),
-                         {item_id}, params, k)
+            coread, support = self._coread([item_id], {item_id}, params, hits)
+            picks = rank(coread, support, hits, lambda ids: self._content_of(vector, ids), params, k)
         with timer.stage("hydrate"):
             items = self._hydrate([(p.item_id, p.score) for p in picks])
         return self._answer("similar", items, timer, {"signal": signal})
@@ -122,12 +120,9 @@ class Recommender:
             hits = [] if query is None else self.index.search(query, self.blend.content_candidates,
                                                               exclude=profile.seen)
         with timer.stage("coread"):
-            neighbours, support = self.store.coread_evidence(recent, also_count=[j for j, _ in hits])
+            coread, support = self._coread(recent, profile.seen, self.blend, hits)
         with timer.stage("blend"):
-            # Only searchable books are offered (a co-read neighbour may be deleted or not encoded yet).
-            neighbours = [[(j, c) for j, c in row if j in self.index] for row in neighbours]
-            picks = rank(recent, neighbours, support, hits, lambda ids: self._content_of(query, ids),
-                         profile.seen, self.blend, k)
+            picks = rank(coread, support, hits, lambda ids: self._content_of(query, ids), self.blend, k)
         if not picks:  # nothing to go on yet: the most popular unseen items
             with timer.stage("popular"):
                 # Extra candidates: the most popular books may not all be indexed yet.
@@ -152,6 +147,14 @@ class Recommender:
         return self._answer("recommendations", items, timer,
                             {"user_id": user_id, "strategy": strategy, "cold_start": strategy == "popular",
                              "seen_count": len(profile.seen)})
+
+    def _coread(self, recent: list[str], exclude: set[str], params: BlendParams, hits: list[tuple[str, float]],
+                ) -> tuple[dict[str, tuple[float, str]], dict[str, float]]:
+        """The co-read candidates of `recent` that are searchable (a co-read neighbour may be deleted
+        or not encoded yet), and the counts blend needs."""
+        coread, support = self.store.coread_scores(recent, exclude, params.coread_candidates,
+                                                   also_count=[j for j, _ in hits], k=params.coread_per_book)
+        return {j: v for j, v in coread.items() if j in self.index}, support
 
     def _profile_query(self, profile: UserProfile) -> np.ndarray | None:
         """The unit profile vector, with the books read before they were encoded folded in."""

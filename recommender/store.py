@@ -19,10 +19,13 @@ The co-read model: each new interaction (u, i) adds 1 to the pair (i, j) in both
 distinct users, which the cosine c_ij / sqrt(n_i n_j) of recommender/blend.py divides by). Memory is
 bounded per item: when a list grows past COREAD_CAP neighbours it is cut back to its COREAD_KEEP
 strongest (lowest counts go first; equal counts by id), so an item costs at most COREAD_CAP
-entries (~20 bytes each in Redis' listpack encoding, which holds below 128 entries: measured in
-BENCHMARKS.md, "Recommendation quality") and a new pair survives at least until
-COREAD_CAP - COREAD_KEEP other new neighbours arrive. An event costs 2 * min(window, books read)
-ZINCRBYs and as many ZCARDs, in one Lua script queued in the batch's transaction.
+entries (bytes per entry measured in BENCHMARKS.md, "Recommendation quality"), and a new pair
+survives at least until COREAD_CAP - COREAD_KEEP other new neighbours arrive: that margin, the time
+a new pair has to gather counts, is what the validation HitRate rewards most (a streaming
+simulation of goodbooks: 100/50 -> 0.100, 128/100 -> 0.099, 200/100 -> 0.109, 300/200 -> 0.112,
+reading the 50 strongest of the 20 newest books). An event costs 2 * min(window, books read)
+ZINCRBYs and as many ZCARDs, in one Lua script queued in the batch's transaction. A query reads
+a user's newest books' strongest neighbours and scores them in Redis (COREAD_SCORES_SCRIPT).
 
 Writes are idempotent and ordered by version = (ts, event_id): an event older than the stored one
 is skipped, the same event again rewrites the same values. A batch of item writes is one Lua script
@@ -50,8 +53,8 @@ from recommender.stopping import StopRequested
 
 RECENT_ITEMS = 50
 COREAD_WINDOW = 50  # each new book is paired with the user's newest books, at most this many
-COREAD_KEEP = 50  # neighbours kept per item after a prune (and read per recent book at query time)
-COREAD_CAP = 100  # a neighbour list is pruned when it grows past this (stays a compact listpack)
+COREAD_KEEP = 200  # neighbours kept per item after a prune
+COREAD_CAP = 300  # a neighbour list is pruned when it grows past this
 
 # KEYS: coread:{item}, then coread:{j} per window book; ARGV: keep, cap, item, then the window books.
 COREAD_SCRIPT = """
@@ -65,6 +68,78 @@ for n = 1, #KEYS do
   if size > cap then redis.call('ZREMRANGEBYRANK', KEYS[n], 0, size - keep - 1) end
 end
 return #KEYS - 1
+"""
+# The co-read scores of a user's recent books, computed where the lists live (the reply is the best
+# candidates, not every neighbour of every book). KEYS: popular, then coread:{i} per recent book i.
+# ARGV: per-book k, top, #recent, #exclude, the recent books, the excluded ids, then ids whose count
+# is also wanted. cf(j) = sum over recent i of c_ij / sqrt(n_i * n_j), summed in the order of the
+# recent books and of each list (strongest first), as blend.py documents; because(j) = the i of the
+# largest part (the first on a tie). Returns {n of each recent book, flat (j, cf, because, n_j) for
+# every j whose cf is at least the top-th best (ties kept: the caller orders them by id), n of each
+# also id}; cf as '%.17g' text, exact (a Lua number would come back truncated to an integer).
+COREAD_SCORES_SCRIPT = """
+local k, top, n_recent, n_ex = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local function counts(ids)  -- ZMSCORE in chunks: unpack() is bounded by Lua's C stack
+  local out = {}
+  for first = 1, #ids, 1000 do
+    local part = redis.call('ZMSCORE', KEYS[1], unpack(ids, first, math.min(first + 999, #ids)))
+    for n = 1, #part do out[#out + 1] = part[n] end
+  end
+  return out
+end
+local recent, excluded, also = {}, {}, {}
+for a = 1, n_recent do recent[a] = ARGV[4 + a] end
+for a = 1, n_ex do excluded[ARGV[4 + n_recent + a]] = true end
+for a = 5 + n_recent + n_ex, #ARGV do also[#also + 1] = ARGV[a] end
+local n_of_recent = #recent > 0 and counts(recent) or {}
+local rows, ids, known = {}, {}, {}  -- rows: each book's flat (j, count, ...) reply, as it came
+for r = 1, n_recent do
+  rows[r] = {}
+  if n_of_recent[r] and tonumber(n_of_recent[r]) > 0 then
+    rows[r] = redis.call('ZREVRANGE', KEYS[1 + r], 0, k - 1, 'WITHSCORES')
+    for a = 1, #rows[r], 2 do
+      local j = rows[r][a]
+      if not known[j] and not excluded[j] then known[j] = true; ids[#ids + 1] = j end
+    end
+  end
+end
+local n_of, root = {}, {}
+for a, c in ipairs(#ids > 0 and counts(ids) or {}) do
+  if c then n_of[ids[a]] = c; root[ids[a]] = tonumber(c) end
+end
+local total, best, because, order = {}, {}, {}, {}
+local sqrt = math.sqrt
+for r = 1, n_recent do
+  local n_i, row, book = tonumber(n_of_recent[r]), rows[r], recent[r]
+  for a = 1, #row, 2 do
+    local j = row[a]
+    local n_j = root[j]  -- nil for an excluded id or one nobody has read (n_j = 0)
+    if n_j and n_j > 0 then
+      local part = tonumber(row[a + 1]) / sqrt(n_i * n_j)
+      local sum = total[j]
+      if not sum then sum = 0.0; best[j] = 0.0; order[#order + 1] = j end
+      total[j] = sum + part
+      if part > best[j] then best[j] = part; because[j] = book end
+    end
+  end
+end
+local floor = -math.huge
+if #order > top then
+  local values = {}
+  for a, j in ipairs(order) do values[a] = total[j] end
+  table.sort(values)
+  floor = top > 0 and values[#values - top + 1] or math.huge
+end
+local picked = {}
+for _, j in ipairs(order) do
+  if total[j] >= floor then
+    picked[#picked + 1] = j
+    picked[#picked + 1] = string.format('%.17g', total[j])
+    picked[#picked + 1] = because[j]
+    picked[#picked + 1] = n_of[j]
+  end
+end
+return {n_of_recent, picked, #also > 0 and counts(also) or {}}
 """
 PROFILE_HALF_LIFE_S = 7 * 24 * 3600.0  # interests fade over weeks, not minutes
 METADATA_FIELDS = ("title", "authors", "year", "tags", "image_url")
@@ -162,6 +237,7 @@ class Store:
         self.p = prefix
         self._write_items = client.register_script(ITEM_WRITE_LUA)  # EVALSHA, loaded again after a restart
         self._coread_script = client.register_script(COREAD_SCRIPT)
+        self._coread_scores_script = client.register_script(COREAD_SCORES_SCRIPT)
 
     # -- keys ---------------------------------------------------------------------------------
     def _item(self, item_id: str) -> str:
@@ -352,20 +428,25 @@ class Store:
             seen={s.decode() for s in seen}, recent=[r.decode() for r in recent],
             pending={p.decode() for p in pending})
 
-    def coread_evidence(self, recent: list[str], also_count: Iterable[str] = (), k: int = COREAD_KEEP,
-                        ) -> tuple[list[list[tuple[str, float]]], dict[str, float]]:
-        """The k strongest co-read neighbours of each recent book, as (neighbour, count), strongest
-        first; and the interaction count of every book named and of `also_count` (the content
-        candidates), absent when 0: what recommender/blend.py needs, in two round trips."""
-        pipe = self.r.pipeline(transaction=False)
-        for item_id in recent:
-            # The raw command, parsed here: redis-py 8's WITHSCORES callback re-encodes every score
-            # to bytes and back (2.2 ms of a 13 ms request for 20 lists of 50, measured).
-            pipe.execute_command("ZREVRANGE", self._coread(item_id), 0, k - 1, "WITHSCORES")
-        neighbours = [_scored_pairs(row) for row in pipe.execute()] if recent else []
-        named = sorted(set(recent) | set(also_count) | {j for row in neighbours for j, _ in row})
-        counts = self.r.zmscore(self._popular, named) if named else []
-        return neighbours, {i: c for i, c in zip(named, counts, strict=True) if c}
+    def coread_scores(self, recent: list[str], exclude: Iterable[str] = (), top: int = 100,
+                      also_count: Iterable[str] = (), k: int = 50,
+                      ) -> tuple[dict[str, tuple[float, str]], dict[str, float]]:
+        """The co-read candidates of a user's recent books: j -> (cf(j), the recent book contributing
+        most), for the `top` best by cf (more on a tie at the last place) among each book's k
+        strongest neighbours, `exclude` left out; and the interaction count of the recent books, of
+        those candidates and of `also_count` (the content candidates), absent when 0. One round
+        trip (COREAD_SCORES_SCRIPT), the same figures as recommender/blend.py's formula."""
+        exclude, also = list(exclude), list(also_count)
+        reply = self._coread_scores_script(keys=[self._popular, *map(self._coread, recent)],
+                                           args=[k, top, len(recent), len(exclude), *recent, *exclude, *also])
+        n_recent, flat, n_also = reply
+        support = {i: float(c) for i, c in zip(recent + also, list(n_recent) + list(n_also), strict=True) if c}
+        scores = {}
+        for a in range(0, len(flat), 4):
+            j = flat[a].decode()
+            scores[j] = (float(flat[a + 1]), flat[a + 2].decode())
+            support[j] = float(flat[a + 3])
+        return scores, support
 
     def popular(self, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
         """The most interacted-with live items (cold start)."""
@@ -377,13 +458,6 @@ class Store:
             if len(out) == k:
                 break
         return out
-
-
-def _scored_pairs(reply: list) -> list[tuple[str, float]]:
-    """(member, score) from a raw WITHSCORES reply: nested pairs (RESP3) or flat (RESP2)."""
-    if reply and isinstance(reply[0], list):
-        return [(m.decode(), float(c)) for m, c in reply]
-    return [(m.decode(), float(c)) for m, c in zip(reply[0::2], reply[1::2], strict=True)]
 
 
 def retry_while_unavailable(store: Store, operation, log, what: str, stop: threading.Event | None = None):

@@ -1,8 +1,8 @@
-"""recommender/blend.py on small hand-made data: every expected score follows from the counts."""
+"""recommender/blend.py on small hand-made data: every expected score follows from the inputs.
+
+The co-read scores themselves are computed by the Store (tests/test_coread_store.py)."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -14,27 +14,12 @@ from recommender.blend import (
     blend,
     blend_scores,
     candidates,
-    coread_scores,
     rank,
 )
 
-# Co-read counts of the user's two recent books: "a" (40 readers) and "b" (10 readers).
-NEIGHBOURS = {"a": [("x", 20.0), ("y", 4.0), ("seen", 30.0)], "b": [("y", 5.0), ("z", 1.0)]}
-SUPPORT = {"a": 40.0, "b": 10.0, "x": 100.0, "y": 10.0, "z": 1.0, "seen": 50.0, "new": 0.0}
-
-
-def test_coread_is_the_summed_item_cosine_and_names_the_strongest_source():
-    scores = coread_scores(["a", "b"], [NEIGHBOURS["a"], NEIGHBOURS["b"]], SUPPORT, exclude={"seen"})
-    assert scores["x"] == (pytest.approx(20 / math.sqrt(40 * 100)), "a")
-    # y: 4/sqrt(40*10) = 0.2 from a, 5/sqrt(10*10) = 0.5 from b: b is why.
-    assert scores["y"] == (pytest.approx(0.2 + 0.5), "b")
-    assert scores["z"] == (pytest.approx(1 / math.sqrt(10 * 1)), "b")
-    assert "seen" not in scores
-
-
-def test_an_item_without_interactions_has_no_coread_score():
-    scores = coread_scores(["a"], [[("new", 3.0)]], SUPPORT)
-    assert scores == {}  # n = 0: no cosine (a pruned count with a lost item count is not evidence)
+# Co-read scores cf(j) (and the recent book each came from) of a user's recent books "a" and "b".
+COREAD = {"x": (0.316, "a"), "y": (0.7, "b"), "z": (0.316, "b")}
+SUPPORT = {"a": 40.0, "b": 10.0, "x": 100.0, "y": 10.0, "z": 1.0}
 
 
 def test_blend_scores_normalize_each_signal_and_shrink_coread_for_thin_support():
@@ -94,20 +79,18 @@ def test_candidates_come_from_both_signals_and_content_is_filled_in_for_coread_o
         return {j: 0.1 for j in ids}
 
     params = BlendParams(coread_candidates=2, content_candidates=2)
-    found = candidates(["a", "b"], [NEIGHBOURS["a"], NEIGHBOURS["b"]], SUPPORT,
-                       [("t", 0.9), ("x", 0.5), ("u", 0.4)], content_of, {"seen"}, params)
-    assert set(found.coread) == {"y", "x"}  # the two best by co-read (z is third)
+    found = candidates(COREAD, [("t", 0.9), ("x", 0.5), ("u", 0.4)], content_of, params)
+    assert set(found.coread) == {"y", "x"}  # the two best by co-read (z ties x and loses by id)
     assert found.content == {"t": 0.9, "x": 0.5, "y": 0.1}  # u is past the content candidates
     assert found.content_rank == {"t": 0, "x": 1}
     assert asked == [["y"]]  # only what the content hits lack
 
 
-def test_seen_books_never_appear_and_coread_only_ignores_text():
-    picks = rank(["a", "b"], [NEIGHBOURS["a"], NEIGHBOURS["b"]], SUPPORT, [], lambda ids: {j: 0.9 for j in ids},
-                 {"seen", "x"}, COREAD_ONLY, k=10)
-    assert [p.item_id for p in picks] == ["y", "z"]
+def test_coread_only_ignores_text():
+    picks = rank(COREAD, SUPPORT, [("t", 0.99)], lambda ids: {j: 0.9 for j in ids}, COREAD_ONLY, k=10)
+    assert [p.item_id for p in picks] == ["y", "x", "z"]
     assert all(p.signal == "co-read" for p in picks)
 
 
 def test_nothing_to_go_on_gives_nothing():
-    assert rank([], [], {}, [], lambda ids: {}, set(), BlendParams(), k=5) == []
+    assert rank({}, {}, [], lambda ids: {}, BlendParams(), k=5) == []
