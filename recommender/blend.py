@@ -36,10 +36,11 @@ DOMINANT = 2.0  # a part this many times the other names the signal alone
 
 @dataclass(frozen=True)
 class BlendParams:
-    coread_weight: float = 0.8
-    support_half: float = 5.0
-    recent_books: int = 20
-    coread_per_book: int = 50  # each recent book's strongest co-read neighbours read
+    # Defaults: what bench.recommendation chose on validation users (reports/recommendation.json).
+    coread_weight: float = 0.7
+    support_half: float = 0.0
+    recent_books: int = 50
+    coread_per_book: int = 20  # each recent book's strongest co-read neighbours read
     coread_candidates: int = 100
     content_candidates: int = 100
 

@@ -4,11 +4,16 @@ The co-read scores themselves are computed by the Store (tests/test_coread_store
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from recommender.blend import (
     COREAD_ONLY,
+    DEFAULT_PARAMS,
     BlendParams,
     Candidates,
     blend,
@@ -94,3 +99,10 @@ def test_coread_only_ignores_text():
 
 def test_nothing_to_go_on_gives_nothing():
     assert rank({}, {}, [], lambda ids: {}, BlendParams(), k=5) == []
+
+
+def test_the_service_blends_with_the_weights_chosen_on_validation_users():
+    # bench.recommendation tunes the weights on validation users and records them; the service's
+    # defaults must be what was chosen, or the measured HitRate is not what the service gives.
+    chosen = json.loads((Path(__file__).parents[1] / "reports" / "recommendation.json").read_text())["chosen"]
+    assert asdict(DEFAULT_PARAMS) == chosen
