@@ -177,7 +177,7 @@ def hybrid_ranks(store: Store, emb: np.ndarray, split: Split, users: dict[str, s
     pos = {item: i for i, item in enumerate(split.item_ids)}
     out = {p: np.full(len(users), K) for p in grid}
     by_candidates: dict[tuple, list[BlendParams]] = {}
-    for p in grid:  # candidates depend on these three only: gathered once per group
+    for p in grid:  # candidates depend on these four only: gathered once per group
         by_candidates.setdefault((p.recent_books, p.coread_per_book, p.coread_candidates, p.content_candidates),
                                  []).append(p)
     for group in by_candidates.values():

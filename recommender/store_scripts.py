@@ -50,9 +50,9 @@ for r = 1, n_recent do
     end
   end
 end
-local n_of, root = {}, {}
+local n_of = {}  -- j -> n_j (a whole number: it comes back as a Redis integer)
 for a, c in ipairs(#ids > 0 and counts(ids) or {}) do
-  if c then n_of[ids[a]] = c; root[ids[a]] = tonumber(c) end
+  if c then n_of[ids[a]] = tonumber(c) end
 end
 local total, best, because, order = {}, {}, {}, {}
 local sqrt = math.sqrt
@@ -60,7 +60,7 @@ for r = 1, n_recent do
   local n_i, row, book = tonumber(n_of_recent[r]), rows[r], recent[r]
   for a = 1, #row, 2 do
     local j = row[a]
-    local n_j = root[j]  -- nil for an excluded id or one nobody has read (n_j = 0)
+    local n_j = n_of[j]  -- nil for an excluded id or one nobody has read (n_j = 0)
     if n_j and n_j > 0 then
       local part = tonumber(row[a + 1]) / sqrt(n_i * n_j)
       local sum = total[j]
