@@ -208,6 +208,16 @@ def test_model_page_reads_whatever_reports_exist(tmp_path):
     assert any("reports/kernel.json" in i.value for i in at.info)  # missing files are listed, not errors
 
 
+def test_the_comparison_shows_the_working_trees_model_not_an_older_commits():
+    from ui.model import _shipped_ternary
+
+    models = {"ternary (old)": {"spec": "git:b440857:models/ternary-minilm", "run": "old"},
+              "ternary (2 h)": {"spec": "models/ternary-minilm", "run": "shipped"},
+              "ternary (57 min)": {"spec": "git:773e516:models/ternary-minilm", "run": "earlier"}}
+    assert _shipped_ternary(models)["run"] == "shipped"
+    assert _shipped_ternary({k: v for k, v in models.items() if k != "ternary (2 h)"})["run"] == "earlier"
+
+
 def test_every_page_shows_a_message_when_the_service_is_down(monkeypatch):
     monkeypatch.setenv("TERNREC_SERVICE_URL", f"http://127.0.0.1:{free_port()}")
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()

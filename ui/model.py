@@ -179,9 +179,11 @@ SPEED_ROWS = (("short_b1", "Encoder speed: book titles, one at a time"),
 
 
 def _shipped_ternary(models: dict) -> dict | None:
-    """The committed ternary model's row: spec models/ternary-minilm, else the last ternary row."""
+    """The committed ternary model's row: spec models/ternary-minilm (the working tree's, not an older
+    commit's `git:REV:models/ternary-minilm`), else the last ternary row."""
     ternary = [m for k, m in models.items() if k.lower().startswith("ternary") and isinstance(m, dict)]
-    shipped = [m for m in ternary if str(m.get("spec", "")).rstrip("/").endswith("models/ternary-minilm")]
+    shipped = [m for m in ternary if not str(m.get("spec", "")).startswith("git:")
+               and str(m.get("spec", "")).rstrip("/").endswith("models/ternary-minilm")]
     return (shipped or ternary or [None])[-1]
 
 
