@@ -198,10 +198,11 @@ def run_clean(settings: Settings, worker_factory, backfill, live) -> dict[str, n
     worker.start()
     store = store_for(settings)
     for lane, events in (("bulk", backfill), ("live", live)):
-        producer = EventProducer(_kafka_log(settings), settings, lane=lane)
-        for event in events:
-            producer.send(event)
-        producer.flush()
+        with _kafka_log(settings) as event_log:  # closing the log closes its producer
+            producer = EventProducer(event_log, settings, lane=lane)
+            for event in events:
+                producer.send(event)
+            producer.flush()
     items = distinct_items(backfill, live)
     wait_for(lambda: store.item_count() == len(items), what="clean run")
     worker.stop()
