@@ -20,6 +20,7 @@ from tests.waiting import wait_for
 
 FIXED_SEED = 20261202
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,8 @@ def demo_url():
 @pytest.mark.parametrize("seed", [FIXED_SEED, random.randrange(2**31)], ids=["fixed-seed", "random-seed"])
 def test_schemathesis_finds_nothing(demo_url, seed, tmp_path):
     """All checks; examples, coverage, fuzzing and stateful phases; 150 examples per operation."""
-    cmd = [str(SCHEMATHESIS), "run", f"{demo_url}/openapi.json", "--checks", "all", "--max-examples", "150",
+    cmd = [str(SCHEMATHESIS), "--config-file", str(CONFIG),
+           "run", f"{demo_url}/openapi.json", "--checks", "all", "--max-examples", "150",
            "--seed", str(seed), "--phases", "examples,coverage,fuzzing,stateful", "--generation-database",
            "none", "--no-color", "--request-timeout", "10"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache: not in the repo
