@@ -216,3 +216,33 @@ def test_an_event_the_broker_did_not_acknowledge_is_refused_with_503_and_retry_a
     assert response.json()["detail"].startswith("kafka unavailable: the broker did not acknowledge the event")
     text = rec.metrics.prometheus_text().decode()
     assert "ternrec_events_unavailable_total 2.0" in text and "ternrec_events_submitted_total{" not in text
+
+
+def test_a_plain_similar_request_is_answered_by_the_fast_path_with_the_routes_body(parts):
+    rec, _, _ = parts
+    client = TestClient(create_app(rec), raise_server_exceptions=False)
+    routed = client.get("/items/a/similar", params={"k": 3, "via": "the route"})  # an extra: the route
+    rec.similar_by = None  # the route's only call: from here on it would answer 500
+    fast = client.get("/items/a/similar", params={"k": 3})
+    assert fast.status_code == 200 and fast.headers["content-type"] == "application/json"
+    assert fast.json()["items"] == routed.json()["items"] == rec.similar("a", k=3).items
+    assert set(fast.json()["latency_ms"]) == set(routed.json()["latency_ms"])
+    assert client.get("/items/a/similar", params={"k": 3, "signal": "coread"}).status_code == 500
+
+
+def test_the_fast_path_leaves_every_error_its_documented_answer(parts):
+    rec, _, _ = parts
+    client = TestClient(create_app(rec), raise_server_exceptions=False)
+    assert client.get("/items/nope/similar").json() == {"detail": "unknown item 'nope'"}
+    assert client.get("/items/nope/similar").status_code == 404
+    for k in ("0", "101", "abc", "1e1"):
+        answer = client.get(f"/items/a/similar?k={k}")
+        assert answer.status_code == 422 and "query parameter 'k'" in answer.json()["detail"]
+    assert client.get("/items/" + "x" * 257 + "/similar").status_code == 422
+
+    def down(item_id, k=10):
+        raise Unavailable("redis", "the metadata needs Redis", retry_after_s=5)
+    rec.similar = down
+    answer = client.get("/items/a/similar", params={"k": 3})
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+    assert answer.json() == {"detail": "redis unavailable: the metadata needs Redis"}
