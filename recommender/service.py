@@ -16,8 +16,9 @@ for an event the broker did not acknowledge); similar items come from the replic
 metadata alone (no Redis); per-user picks need the profile in Redis and answer 503; `/health` says
 which dependency is down.
 
-The hot route (similar items) writes its JSON itself: the answer is built to the `Results` schema
-by the core, so the response model's validation is skipped there.
+The hot route (similar items) writes its JSON itself (`_results_json`): the answer is built to the
+`Results` schema by the core, so the response model's validation is skipped there; a well-formed
+content request does not even reach the route (`FastSimilar`).
 """
 
 import argparse
@@ -164,6 +165,7 @@ def _where(loc: tuple) -> str:
     return ".".join(parts) or "request"
 
 
+DEFAULT_K = 10
 SIMILAR_PATH = re.compile(r"/items/([^/]+)/similar")
 _ID = re.compile(ID_PATTERN)
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -199,7 +201,7 @@ class FastSimilar:
         if match is None:
             return None
         item_id, k = match[1], _plain_k(scope["query_string"])
-        if k is None or len(item_id) > MAX_ID_CHARS or not _ID.match(item_id):
+        if k is None or len(item_id) > MAX_ID_CHARS or not _ID.fullmatch(item_id):
             return None
         try:
             answer = self.recommender.similar(item_id, k)
@@ -209,12 +211,17 @@ class FastSimilar:
             return _redis_down(scope["path"], exc)
         except Exception:  # noqa: BLE001 - an unknown item (404) or a bug (500): the app's handlers
             return None
-        return json.dumps(answer.to_dict(), allow_nan=False, separators=(",", ":")).encode()
+        return _results_json(answer)
+
+
+def _results_json(answer) -> bytes:
+    """An answer's JSON body, as the `Results` schema has it (the core built it to that schema)."""
+    return json.dumps(answer.to_dict(), allow_nan=False, separators=(",", ":")).encode()
 
 
 def _plain_k(query: bytes) -> int | None:
     """k from a query of at most `k=<1..MAX_K>` and `signal=content`; None for anything else."""
-    k = 10
+    k = DEFAULT_K
     for part in query.split(b"&") if query else ():
         name, _, value = part.partition(b"=")
         if name == b"k" and value.isdigit() and len(value) <= 3 and 1 <= int(value) <= MAX_K:
@@ -255,21 +262,21 @@ def create_app(recommender: Recommender, write_key: str = "") -> FastAPI:
 
     @app.get("/items/{item_id}/similar", response_model=Results, operation_id="similar_items",
              responses={**_errors(404, 422), **UNAVAILABLE})
-    def similar(item_id: Id, rec: Core, k: K = 10, signal: SimilarSignal = "content"):
+    def similar(item_id: Id, rec: Core, k: K = DEFAULT_K, signal: SimilarSignal = "content"):
         """The k items nearest to `item_id` (404 if it is not searchable): by content, from this
         replica's index and metadata (Redis only for items whose metadata the replica lacks); by
         co-read (readers of it also wanted) or by the blend of the two, both with the co-read counts
-        from Redis. On the thread pool: concurrent content searches share one scan of the index."""
+        from Redis. On the thread pool: concurrent searches share one scan of the index. A plain
+        content request is answered by `FastSimilar` before it gets here."""
         try:
             answer = rec.similar_by(item_id, k, signal)
         except UnknownItem as exc:
             raise HTTPException(404, str(exc)) from None
-        return Response(json.dumps(answer.to_dict(), allow_nan=False, separators=(",", ":")),
-                        media_type="application/json")
+        return Response(_results_json(answer), media_type="application/json")
 
     @app.get("/users/{user_id}/recommendations", response_model=Recommendations,
              operation_id="user_recommendations", responses={**_errors(422), **UNAVAILABLE})
-    def recommendations(user_id: Id, rec: Core, k: K = 10):
+    def recommendations(user_id: Id, rec: Core, k: K = DEFAULT_K):
         """Picks for a user, seen items excluded; a user without history gets the popular list."""
         return rec.recommend(user_id, k).to_dict()
 
