@@ -13,7 +13,8 @@ Measures, with the worker and the recommender as separate processes (as in `make
   backfill;
 - query latency of both endpoints at 1, 10 and 50 concurrent clients (wrk, keep-alive), and what
   each change of the query path buys per request, timed in-process against the same Redis:
-  a scan per query vs concurrent queries sharing a scan, hydration from Redis vs from the index's
+  a scan per query vs concurrent queries sharing a scan, a scan vs the item's kept neighbour list
+  (recommender/neighbours.py) for similar items, hydration from Redis vs from the index's
   metadata, and the response model's validation and serialization vs writing the JSON directly;
 - where the worker's time goes (seconds per stage, from its log) and resident memory.
 Results: reports/pipeline.json and the "Pipeline" section of BENCHMARKS.md.
@@ -275,6 +276,8 @@ def markdown(r: dict) -> str:
     lines += ["", "| query path, per request (in-process, median) | before | now |", "|---|---|---|",
               f"| search (flat, {b['items']}+ items) | {c['search_alone_us']:.0f} µs (a scan per query) | "
               f"{c['search_in_a_shared_scan_of_10_us']:.0f} µs (10 concurrent queries share a scan) |",
+              f"| similar items: their 10 nearest | {c['search_alone_us']:.0f} µs (a scan) | "
+              f"{c['similar_from_kept_lists_us']:.0f} µs (the item's kept list, no scan) |",
               f"| hydrate 10 results | {c['hydrate_10_from_redis_us']:.0f} µs (Redis round trip) | "
               f"{c['hydrate_10_from_index_us']:.0f} µs (index metadata) |",
               f"| write the JSON answer | {c['response_model_validate_and_serialize_us']:.0f} µs (response model) | "

@@ -77,9 +77,9 @@ class Recommender:
     def similar(self, item_id: str, k: int = 10) -> Answer:
         """The k nearest items, hydrated from the index (no Redis round trip, see `_metadata`)."""
         timer = StageTimer()
-        vector = self._lookup(item_id, timer)
+        self._lookup(item_id, timer)
         with timer.stage("search"):
-            hits = self.index.search(vector, k, exclude={item_id})
+            hits = self.index.neighbours(item_id, k)
         with timer.stage("hydrate"):
             items = self._hydrate(hits)
         return self._answer("similar", items, timer)

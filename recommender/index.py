@@ -17,7 +17,9 @@ atomic under the GIL, on entries `apply` replaces whole and never changes in pla
 lookup and hydration never wait behind another request's scan (they did, and at 10 concurrent
 clients a replica spent more time waiting on that lock than searching).
 
-Search: concurrent queries share one scan of the vectors (see `search`).
+Search: concurrent queries share one scan of the vectors (see `search`). Similar items need no
+scan: with the flat index, every item's nearest items are kept as lists, updated with each change
+(recommender/neighbours.py), and `neighbours` reads them.
 
 Metadata: the title, authors, year, tags and image of every searchable item travel with its change
 and are kept here, beside its vector, so that an answer is hydrated without asking Redis. Only
@@ -32,6 +34,7 @@ import faiss
 import numpy as np
 
 from ingest.schema import ItemChange
+from recommender.neighbours import NeighbourLists
 
 TIE_SLACK = 8
 MAX_SHARED_SCAN = 32  # queries one scan searches for at most
@@ -43,11 +46,16 @@ _thread = threading.local()
 
 
 class ItemIndex:
-    def __init__(self, dim: int | None = None, factory: str = "Flat"):
-        """`dim` None: taken from the first vector added (the service needs no encoder for it)."""
+    def __init__(self, dim: int | None = None, factory: str = "Flat", kept_neighbours: int = 100):
+        """`dim` None: taken from the first vector added (the service needs no encoder for it).
+        `kept_neighbours`: up to how many nearest items `neighbours` answers from kept lists (flat
+        index only; 0: no lists, every call scans)."""
         self.dim = dim
         self.factory = factory
         self._index = None if dim is None else self._new_index(dim)
+        self._keep = kept_neighbours if factory == "Flat" else 0
+        self._lists: NeighbourLists | None = None
+        self._applying = threading.Lock()  # one apply at a time: the lists follow FAISS's order
         self._ids: dict[str, int] = {}  # item id -> faiss id, stable for the life of the process
         self._item_of: dict[int, str] = {}
         self._versions: dict[str, tuple[float, str]] = {}
@@ -79,6 +87,16 @@ class ItemIndex:
 
     def apply(self, changes: list[ItemChange]) -> list[ItemChange]:
         """Upserts and deletes, newest version wins; returns the changes that took effect."""
+        with self._applying:
+            fresh = self._apply(changes)
+            if fresh and self._keep and self.dim:  # after FAISS, without its lock: searches go on meanwhile
+                if self._lists is None:
+                    self._lists = NeighbourLists(self.dim, depth=self._keep + 28, exact=self._keep)
+                self._lists.update([c.item_id for c in fresh if c.deleted],
+                                   {c.item_id: self._vectors[c.item_id] for c in fresh if not c.deleted})
+        return fresh
+
+    def _apply(self, changes: list[ItemChange]) -> list[ItemChange]:
         with self._lock:
             latest: dict[str, ItemChange] = {}
             for change in changes:  # the newest change per item within this batch
@@ -127,6 +145,14 @@ class ItemIndex:
     def vector(self, item_id: str) -> np.ndarray | None:
         """The item's vector (None unless searchable); shared: the caller must not modify it."""
         return self._vectors.get(item_id)
+
+    def neighbours(self, item_id: str, k: int) -> list[tuple[str, float]]:
+        """The k items nearest to `item_id` (itself excluded), as `search` finds them: from its
+        kept list when there is one for k; [] unless the item is searchable."""
+        if self._lists is not None and (found := self._lists.neighbours(item_id, k)) is not None:
+            return found
+        vector = self._vectors.get(item_id)
+        return [] if vector is None else self.search(vector, k, exclude={item_id})
 
     def search(self, query: np.ndarray, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
         """The k best items by inner product with `query`, skipping `exclude`.
