@@ -81,6 +81,24 @@ def pcts(values: list[float], qs=(50, 95, 99)) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(values, q)), 1) for q in qs} if values else {}
 
 
+def lists_caught_up(url: str, answers: int = 10, timeout_s: float = 900.0) -> float:
+    """Seconds until `answers` /health answers in a row, each on a new connection (so from either
+    replica), say that the kept neighbour lists are up to date: the queries measure a steady state,
+    not the catch-up after the 50% phase's backlog."""
+    began = time.monotonic()
+    in_a_row = 0
+    while in_a_row < answers:
+        if time.monotonic() - began > timeout_s:
+            raise TimeoutError(f"the replicas' neighbour lists were not up to date within {timeout_s:.0f} s")
+        try:
+            behind = httpx.get(f"{url}/health", timeout=10).json().get("neighbour_lists_behind", 0)
+        except (httpx.HTTPError, ValueError):
+            behind = -1
+        in_a_row = in_a_row + 1 if behind == 0 else 0
+        time.sleep(0.2)
+    return time.monotonic() - began
+
+
 class Service:
     def __init__(self, url: str):
         self.url = url
@@ -251,7 +269,8 @@ def markdown(r: dict) -> str:
     b = r["backfill"]
     lines = [f"Command: `{COMMAND}` (real Kafka + real Redis on 127.0.0.1; worker and recommender as "
              f"separate processes, {r['http_workers']} recommender replica(s); encoder `{r['encoder']}`; "
-             f"max_batch {r['max_batch']}, bulk_slice_ms {r['bulk_slice_ms']}; {b['items']} catalog items; "
+             f"max_batch {r['max_batch']}, bulk_slice_ms {r['bulk_slice_ms']}, "
+             f"kept_neighbours {r.get('kept_neighbours', 0)}; {b['items']} catalog items; "
              f"`uptime` load average {r['load_average']['start']} at the start, {r['load_average']['end']} at "
              "the end, on 2 cores).", "",
              "| ingest | items/s |", "|---|---|",
@@ -267,7 +286,9 @@ def markdown(r: dict) -> str:
         s, e = f["service_freshness_ms"], f["external_sample_ms"]
         lines.append(f"| {name} | {f['events']} | {_ms(s, 'p50')} / {_ms(s, 'p95')} / {_ms(s, 'p99')} | "
                      f"{_ms(e, 'p50')} / {_ms(e, 'p95')} / {_ms(e, 'p99')} |")
-    lines += ["", "| query | clients | requests/s | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    lines += ["", "Queries once the replicas' kept neighbour lists were up to date "
+              f"({r['lists_caught_up_s']} s after the 50% phase; until then similar items are scans):", "",
+              "| query | clients | requests/s | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|"]
     for endpoint, runs in r["queries"].items():
         for q in runs:
             lines.append(f"| {endpoint} | {q['connections']} | {q['requests_per_s']:.0f} | {q['p50_ms']:.2f} | "
@@ -355,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
             half = capacity_phase(event_log, settings, service, rate, args.phase_seconds)
             print(f"  {half}", flush=True)
 
+            print("waiting for the replicas' kept neighbour lists ...", flush=True)
+            lists_wait_s = lists_caught_up(service.url)
+            print(f"  {lists_wait_s:.1f} s", flush=True)
             users = sorted({e.user_id for e in events if e.type == "interaction"})[:500]
             item_paths = [f"/items/{i.item_id}/similar?k=10" for i in catalog[:2000]]
             user_paths = [f"/users/{u}/recommendations?k=10" for u in users]
@@ -375,11 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     result = {"command": COMMAND, "encoder": encoder_name, "http_workers": args.http_workers,
               "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
-              "bulk_slice_ms": settings.bulk_slice_ms, "encoder_items_per_s": round(encoder_ips, 1),
+              "bulk_slice_ms": settings.bulk_slice_ms, "kept_neighbours": settings.kept_neighbours,
+              "encoder_items_per_s": round(encoder_ips, 1),
               "ingest": {"lane": "bulk", "items": len(burst), "items_per_s": round(ingest_ips, 1),
                          "ratio_to_encoder": round(ingest_ips / encoder_ips, 3)},
               "backfill": backfill, "freshness_during_backfill": during_backfill,
-              "freshness_at_half_capacity": half, "queries": queries, "query_path_us": costs,
+              "freshness_at_half_capacity": half, "lists_caught_up_s": round(lists_wait_s, 1),
+              "queries": queries, "query_path_us": costs,
               "worker": stages, "memory": memory,
               "load_average": {"start": round(load_at_start, 2), "end": round(os.getloadavg()[0], 2)}}
     write_json("pipeline", result)

@@ -22,6 +22,7 @@ def query_path_costs(redis_url: str, catalog_ids: list[str], calls: int = 2000) 
     store = Store(open_redis(redis_url))
     index = ItemIndex()
     index.apply(list(store.iter_item_changes()))  # with metadata, as a replica bootstraps
+    index.sync_neighbours()  # as an idle replica's lists are
     rng = np.random.default_rng(0)
     samples = [list(rng.choice(catalog_ids, 10, replace=False)) for _ in range(calls)]
 

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     bulk_slice_ms: float = Field(20.0, gt=0, description="encoding time of one bulk batch while live "
                                                           "events flow")
 
+    # Similar items: each replica keeps every item's nearest items (recommender/neighbours.py), so
+    # that a request up to this k is answered without a scan; 0 = no lists, a scan per request.
+    kept_neighbours: int = Field(100, ge=0, le=1000, description="similar items answered from kept "
+                                                                 "lists up to this k (0: scan)")
+
     # The HTTP path: the longest a request waits for the broker or Redis before it answers 503.
     request_timeout_s: float = Field(1.5, gt=0, le=30, description="longest a request waits for Kafka or Redis")
 

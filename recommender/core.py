@@ -15,6 +15,7 @@ Outages (docs/ARCHITECTURE.md): a request never waits for an unreachable broker 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,15 @@ from recommender.store import Store, UserProfile
 
 log = logging.getLogger("recommender")
 MAX_K = 100
+# When the kept neighbour lists take changes in (recommender/index.py): a flood of them (a backfill)
+# waits for a quiet moment, no record for SYNC_QUIET_S (merging beside a backfill slowed the
+# encoder by 40%, for answers that a scan gives meanwhile); a trickle, fewer than SYNC_BATCH, is
+# merged once the oldest has waited SYNC_LAG_S. At most SYNC_SLICE per turn, then the topic is
+# polled again, so that a change arriving meanwhile waits for one slice at most.
+SYNC_QUIET_S = 0.25
+SYNC_BATCH = 64
+SYNC_LAG_S = 1.0
+SYNC_SLICE = 256
 
 
 class UnknownItem(LookupError):
@@ -242,6 +252,7 @@ class Recommender:
         self.metrics.index_size.set(len(self.index))
         ok = redis["ok"] and kafka["ok"]
         return {"status": "ok" if ok else "degraded", "index_size": len(self.index),
+                "neighbour_lists_behind": self.index.unsynced(),
                 "redis": redis["ok"], "kafka": kafka["ok"], "dependencies": {"redis": redis, "kafka": kafka},
                 "encoder_topic": self.settings.topic_item_embeddings,
                 "uptime_s": round(time.time() - self.started, 1)}
@@ -298,6 +309,8 @@ class IndexUpdater:
         self.topic = settings.topic_item_embeddings
         self.consumer = event_log.reader([self.topic])
         self.ready = threading.Event()
+        self._unsynced_since: float | None = None  # monotonic time the lists fell behind
+        self._records_at = time.monotonic()  # of the last poll that returned records
 
     def bootstrap(self) -> int:
         batch = []
@@ -312,11 +325,18 @@ class IndexUpdater:
         return len(self.index)
 
     def step(self, timeout_ms: int = 100) -> int:
+        sync_in_s = self._sync_in_s()
+        if sync_in_s is not None:  # wait no longer than until the lists are due
+            timeout_ms = min(timeout_ms, math.ceil(sync_in_s * 1000))
         records = self.consumer.poll(max_records=2000, timeout_ms=timeout_ms)
         self.metrics.report_lag(self.topic, self.consumer)
         if not records:
             self.ready.set()  # caught up with the topic
+            if self._sync_in_s() == 0:  # a slice of the kept lists' catch-up, then look again
+                self.index.sync_neighbours(SYNC_SLICE)
+                self._sync_in_s()
             return 0
+        self._records_at = time.monotonic()
         changes = []
         for record in records:
             try:
@@ -328,6 +348,20 @@ class IndexUpdater:
         self.metrics.observe_index_update(applied)
         self.metrics.index_size.set(len(self.index))
         return len(applied)
+
+    def _sync_in_s(self) -> float | None:
+        """Seconds until the kept lists are due to take changes in (0: now); None: up to date."""
+        unsynced = self.index.unsynced()
+        if not unsynced:
+            self._unsynced_since = None
+            return None
+        now = time.monotonic()
+        if self._unsynced_since is None:
+            self._unsynced_since = now
+        due = self._records_at + SYNC_QUIET_S
+        if unsynced < SYNC_BATCH:
+            due = min(due, self._unsynced_since + SYNC_LAG_S)
+        return max(0.0, due - now)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -18,8 +18,10 @@ lookup and hydration never wait behind another request's scan (they did, and at 
 clients a replica spent more time waiting on that lock than searching).
 
 Search: concurrent queries share one scan of the vectors (see `search`). Similar items need no
-scan: with the flat index, every item's nearest items are kept as lists, updated with each change
-(recommender/neighbours.py), and `neighbours` reads them.
+scan: with the flat index, every item's nearest items are kept as lists (recommender/neighbours.py)
+and `neighbours` reads them. A change is searchable the moment `apply` returns; the lists take it
+in later, when the index updater is idle (`sync_neighbours`), so that merging never delays a
+change, nor competes with a backfill for the CPU; until they are up to date a scan answers.
 
 Metadata: the title, authors, year, tags and image of every searchable item travel with its change
 and are kept here, beside its vector, so that an answer is hydrated without asking Redis. Only
@@ -55,7 +57,10 @@ class ItemIndex:
         self._index = None if dim is None else self._new_index(dim)
         self._keep = kept_neighbours if factory == "Flat" else 0
         self._lists: NeighbourLists | None = None
-        self._applying = threading.Lock()  # one apply at a time: the lists follow FAISS's order
+        # Changes FAISS has and the lists not yet (item -> newest vector, None: removed), oldest
+        # first; bounded by the catalog. While any is pending or being merged, a scan answers.
+        self._unsynced: dict[str, np.ndarray | None] = {}
+        self._merging = False
         self._ids: dict[str, int] = {}  # item id -> faiss id, stable for the life of the process
         self._item_of: dict[int, str] = {}
         self._versions: dict[str, tuple[float, str]] = {}
@@ -86,17 +91,8 @@ class ItemIndex:
                 self._index.train(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def apply(self, changes: list[ItemChange]) -> list[ItemChange]:
-        """Upserts and deletes, newest version wins; returns the changes that took effect."""
-        with self._applying:
-            fresh = self._apply(changes)
-            if fresh and self._keep and self.dim:  # after FAISS, without its lock: searches go on meanwhile
-                if self._lists is None:
-                    self._lists = NeighbourLists(self.dim, depth=self._keep + 28, exact=self._keep)
-                self._lists.update([c.item_id for c in fresh if c.deleted],
-                                   {c.item_id: self._vectors[c.item_id] for c in fresh if not c.deleted})
-        return fresh
-
-    def _apply(self, changes: list[ItemChange]) -> list[ItemChange]:
+        """Upserts and deletes, newest version wins; returns the changes that took effect (at once
+        searchable; the kept lists follow at `sync_neighbours`)."""
         with self._lock:
             latest: dict[str, ItemChange] = {}
             for change in changes:  # the newest change per item within this batch
@@ -123,6 +119,9 @@ class ItemIndex:
                     self._vectors[c.item_id] = row.copy()  # its own buffer: no batch kept alive by one row
             for c in fresh:
                 self._versions[c.item_id] = (c.ts, c.event_id)
+                if self._keep:
+                    self._unsynced.pop(c.item_id, None)  # re-inserted: the newest change goes last
+                    self._unsynced[c.item_id] = None if c.deleted else self._vectors[c.item_id]
                 if c.deleted:
                     self._vectors.pop(c.item_id, None)
                 if c.deleted or c.metadata is None:  # none carried: the caller asks the store
@@ -146,10 +145,35 @@ class ItemIndex:
         """The item's vector (None unless searchable); shared: the caller must not modify it."""
         return self._vectors.get(item_id)
 
+    def unsynced(self) -> int:
+        """Changes the kept lists have yet to take in."""
+        return len(self._unsynced)
+
+    def sync_neighbours(self, limit: int | None = None) -> int:
+        """Merges up to `limit` (None: all) pending changes, oldest first, into the kept lists;
+        returns how many are left. One caller at a time (the index updater, when idle)."""
+        while self._unsynced:
+            with self._lock:
+                self._merging = True  # set before the pending ones are taken: see `neighbours`
+                taken = list(self._unsynced.items())[:limit]
+                for item_id, _ in taken:
+                    del self._unsynced[item_id]
+            try:
+                if self._lists is None:
+                    self._lists = NeighbourLists(self.dim, depth=self._keep + 28, exact=self._keep)
+                self._lists.update([i for i, v in taken if v is None], {i: v for i, v in taken if v is not None})
+            finally:
+                self._merging = False
+            if limit is not None:
+                break
+        return len(self._unsynced)
+
     def neighbours(self, item_id: str, k: int) -> list[tuple[str, float]]:
         """The k items nearest to `item_id` (itself excluded), as `search` finds them: from its
-        kept list when there is one for k; [] unless the item is searchable."""
-        if self._lists is not None and (found := self._lists.neighbours(item_id, k)) is not None:
+        kept list when the lists are up to date and it has k; [] unless the item is searchable."""
+        # Pending is read before merging: a merge sets `_merging` before it empties `_unsynced`.
+        if not self._unsynced and not self._merging and self._lists is not None \
+                and (found := self._lists.neighbours(item_id, k)) is not None:
             return found
         vector = self._vectors.get(item_id)
         return [] if vector is None else self.search(vector, k, exclude={item_id})

@@ -13,6 +13,7 @@ import threading
 import time
 
 import faiss
+from threadpoolctl import threadpool_limits
 
 from encoder import load_encoder
 from ingest.eventlog import EventProducer, ensure_topics, open_event_log
@@ -33,6 +34,10 @@ class Runtime:
         """`with_workers` (default: in embedded mode) runs the encoder worker and profile updater."""
         self.settings = settings
         faiss.omp_set_num_threads(1)  # one query at a time is tiny; OpenMP start-up costs more
+        # BLAS on one thread too (numpy's and FAISS's): the kept neighbour lists' products are small,
+        # and BLAS helper threads spin between calls, which took a core from the encoder (sustained
+        # ingest fell from 379 to 192 items/s with two replicas on two cores).
+        threadpool_limits(limits=1, user_api="blas")
         self.event_log = open_event_log(settings)
         ensure_topics(self.event_log, settings)
         # Requests never wait for Redis longer than request_timeout_s (an outage answers 503).
@@ -44,7 +49,7 @@ class Runtime:
         if self.encoder is None and self.with_workers:  # the service alone never encodes
             self.encoder = load_encoder(settings.resolved_encoder, threads=settings.kernel_threads,
                                    kernel_path=settings.kernel_path or None)
-        self.index = ItemIndex()
+        self.index = ItemIndex(kept_neighbours=settings.kept_neighbours)
         # POST /events: the live lane, sent at once, acknowledged within request_timeout_s or refused.
         self.producer = EventProducer(self.event_log, settings, lane="live",
                                       delivery_timeout_s=settings.request_timeout_s, linger_ms=0)

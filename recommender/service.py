@@ -99,6 +99,8 @@ class Dependency(BaseModel):
 class Health(BaseModel, extra="allow"):
     status: Literal["ok", "degraded"] = Field(description="degraded when a dependency is down")
     index_size: int = Field(description="distinct searchable items")
+    neighbour_lists_behind: int = Field(description="changes this replica's kept neighbour lists have yet "
+                                                    "to take in (0: similar items need no scan)")
     redis: bool
     kafka: bool
     dependencies: dict[Literal["kafka", "redis"], Dependency]

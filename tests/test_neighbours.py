@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
-from ingest.schema import ItemChange
+from ingest.eventlog import ensure_topics
+from ingest.memory_log import InProcessLog
+from ingest.schema import ItemChange, change_to_json
+from ingest.settings import Settings
+from recommender import core
 from recommender.index import ItemIndex
+from recommender.metrics import Metrics
 from recommender.neighbours import NeighbourLists
+from recommender.store import Store, open_redis
 
 
 def _nearest(vectors: dict[str, np.ndarray], item_id: str, k: int) -> list[tuple[str, float]]:
@@ -107,6 +115,12 @@ def test_the_index_answers_similar_items_from_its_lists_as_its_search_does():
     scans = []
     scan = index._scan
     index._scan = lambda batch: (scans.append(len(batch)), scan(batch))
+    assert index.unsynced() == 300 - len(range(0, 300, 7)) + len(range(0, 300, 7))  # every item, once
+    before = index.neighbours("1", 20)
+    assert scans, "until the lists have taken the changes in, a scan answers"
+    scans.clear()
+    left = [index.sync_neighbours(64) for _ in range(5)]
+    assert left == [236, 172, 108, 44, 0]  # a slice at a time, as the idle index updater does
     for item_id in ("1", "3", "150", "299"):
         vector = index.vector(item_id)
         searched = index.search(vector, 20, exclude={item_id})
@@ -120,6 +134,9 @@ def test_the_index_answers_similar_items_from_its_lists_as_its_search_does():
         assert [i for i, _ in index.neighbours(item_id, 40)] == [i for i, _ in beyond]
         assert scans, "beyond its kept neighbours the index scans"
         scans.clear()
+    after = index.neighbours("1", 20)
+    assert [i for i, _ in after] == [i for i, _ in before]
+    assert [s for _, s in after] == pytest.approx([s for _, s in before], abs=1e-5)
     assert index.neighbours("0", 5) == []  # deleted
     assert index.neighbours("unknown", 5) == []
 
@@ -128,5 +145,42 @@ def test_an_index_without_lists_scans_for_similar_items():
     index = ItemIndex(kept_neighbours=0)
     index.apply([_change("a", 1.0, np.array([1, 0], np.float32)), _change("b", 1.0, np.array([0.6, 0.8], np.float32)),
                  _change("c", 1.0, np.array([-1, 0], np.float32))])
-    assert index._lists is None
+    assert index.unsynced() == 0 and index.sync_neighbours() == 0 and index._lists is None
     assert [i for i, _ in index.neighbours("a", 2)] == ["b", "c"]
+
+
+def test_the_index_updater_merges_a_trickle_after_a_lag_and_a_flood_when_quiet(monkeypatch):
+    monkeypatch.setattr(core, "SYNC_BATCH", 8)
+    monkeypatch.setattr(core, "SYNC_LAG_S", 0.3)
+    monkeypatch.setattr(core, "SYNC_QUIET_S", 30.0)  # never quiet enough: only the lag rule merges
+    settings = Settings(kafka_bootstrap="", redis_url="")
+    event_log = InProcessLog()
+    ensure_topics(event_log, settings)
+    index = ItemIndex(kept_neighbours=5)
+    updater = core.IndexUpdater(event_log, Store(open_redis("")), index, settings, Metrics())
+    producer = event_log.producer(linger_ms=0)
+    rng = np.random.default_rng(2)
+
+    def publish(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            change = _change(str(i), 1.0, rng.standard_normal(4).astype(np.float32))
+            producer.send(settings.topic_item_embeddings, change_to_json(change), key=change.item_id)
+        producer.flush()
+
+    publish(0, 5)  # a trickle: merged once the oldest has waited the lag
+    assert updater.step(timeout_ms=0) == 5 and updater.step(timeout_ms=0) == 0
+    assert index.unsynced() == 5, "a merge of so few waits, in case more come"
+    began = time.monotonic()
+    updater.step(timeout_ms=5000)  # idle: the poll waits only until the lag is over, then merges
+    assert time.monotonic() - began < 4 and index.unsynced() == 0
+    vector = index.vector("3")
+    assert [i for i, _ in index.neighbours("3", 4)] == [i for i, _ in index.search(vector, 4, exclude={"3"})]
+
+    publish(5, 10)  # a flood: it waits for a quiet moment, the lag notwithstanding
+    assert updater.step(timeout_ms=0) == 10
+    updater.step(timeout_ms=500)
+    assert index.unsynced() == 10
+    monkeypatch.setattr(core, "SYNC_QUIET_S", 0.2)
+    began = time.monotonic()
+    updater.step(timeout_ms=5000)
+    assert time.monotonic() - began < 4 and index.unsynced() == 0
