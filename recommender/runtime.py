@@ -35,8 +35,8 @@ class Runtime:
         self.settings = settings
         faiss.omp_set_num_threads(1)  # one query at a time is tiny; OpenMP start-up costs more
         # BLAS on one thread too (numpy's and FAISS's): the kept neighbour lists' products are small,
-        # and BLAS helper threads spin between calls, which took a core from the encoder (sustained
-        # ingest fell from 379 to 192 items/s with two replicas on two cores).
+        # and a second BLAS thread competes with the encoder (two replicas on two cores merging beside
+        # a backfill: sustained ingest 192 items/s with two BLAS threads, 255 with one).
         threadpool_limits(limits=1, user_api="blas")
         self.event_log = open_event_log(settings)
         ensure_topics(self.event_log, settings)
