@@ -26,13 +26,14 @@ def query_path_costs(redis_url: str, catalog_ids: list[str], calls: int = 2000) 
     rng = np.random.default_rng(0)
     samples = [list(rng.choice(catalog_ids, 10, replace=False)) for _ in range(calls)]
 
-    def median_us(fn) -> float:
+    def median_us(fn, over: list[list[str]] = samples, per: int = 1) -> float:
+        """Median over the id samples of fn(ids), divided by `per` (per id when `per` = 10)."""
         times = []
-        for ids in samples:
+        for ids in over:
             began = time.perf_counter()
             fn(ids)
             times.append(time.perf_counter() - began)
-        return round(statistics.median(times) * 1e6, 1)
+        return round(statistics.median(times) * 1e6 / per, 1)
 
     # Indexed books only: a smoke run (--limit) backfills part of the catalog.
     vectors = {i: v for i in catalog_ids[:2000] if (v := index.vector(i)) is not None}
@@ -45,20 +46,9 @@ def query_path_costs(redis_url: str, catalog_ids: list[str], calls: int = 2000) 
                 index.search(vectors[i], 10, exclude={i})
 
     search_samples = [list(rng.choice(list(vectors), 10, replace=False)) for _ in range(200)]
-    search_us = {}
-    for shared in (False, True):
-        times = []
-        for ids in search_samples:
-            began = time.perf_counter()
-            searches(ids, shared)
-            times.append(time.perf_counter() - began)
-        search_us[shared] = round(statistics.median(times) * 1e6 / 10, 1)
-    kept_us = []
-    for ids in search_samples:
-        began = time.perf_counter()
-        for i in ids:
-            index.neighbours(i, 10)
-        kept_us.append((time.perf_counter() - began) / len(ids))
+    search_us = {shared: median_us(lambda ids, shared=shared: searches(ids, shared), search_samples, per=10)
+                 for shared in (False, True)}
+    kept_us = median_us(lambda ids: [index.neighbours(i, 10) for i in ids], search_samples, per=10)
     answers = [{"items": [{"item_id": i, "score": 0.5, **m} for i, m in index.metadata(ids).items()],
                 "latency_ms": {"lookup": 0.01, "search": 0.3, "hydrate": 0.01, "total": 0.4}} for ids in samples]
     adapter = TypeAdapter(Results)
@@ -67,7 +57,7 @@ def query_path_costs(redis_url: str, catalog_ids: list[str], calls: int = 2000) 
     it = iter(answers * 2)
     direct = median_us(lambda _: json.dumps(next(it), allow_nan=False, separators=(",", ":")))
     return {"search_alone_us": search_us[False], "search_in_a_shared_scan_of_10_us": search_us[True],
-            "similar_from_kept_lists_us": round(statistics.median(kept_us) * 1e6, 1),
+            "similar_from_kept_lists_us": kept_us,
             "hydrate_10_from_redis_us": median_us(store.items_metadata),
             "hydrate_10_from_index_us": median_us(index.metadata),
             "response_model_validate_and_serialize_us": model_path, "direct_json_us": direct}

@@ -33,9 +33,10 @@ from recommender.store import Store, UserProfile
 log = logging.getLogger("recommender")
 MAX_K = 100
 # When the kept neighbour lists take changes in (recommender/index.py): a flood of them (a backfill)
-# waits for a quiet moment, no record for SYNC_QUIET_S (merging beside a backfill slowed the
-# encoder by 40%, for answers that a scan gives meanwhile); a trickle, fewer than SYNC_BATCH, is
-# merged once the oldest has waited SYNC_LAG_S. At most SYNC_SLICE per turn, then the topic is
+# waits for a quiet moment, no record for SYNC_QUIET_S (with two replicas merging beside the flood,
+# sustained ingest was 35-39% of the encoder alone in four bench.pipeline runs; 51-62% in three once
+# merges waited, 61% without lists), for answers that a scan gives meanwhile; a trickle, fewer than
+# SYNC_BATCH, is merged once the oldest has waited SYNC_LAG_S. At most SYNC_SLICE per turn, then the topic is
 # polled again, so that a change arriving meanwhile waits for one slice at most.
 SYNC_QUIET_S = 0.25
 SYNC_BATCH = 64
@@ -334,7 +335,6 @@ class IndexUpdater:
             self.ready.set()  # caught up with the topic
             if self._sync_in_s() == 0:  # a slice of the kept lists' catch-up, then look again
                 self.index.sync_neighbours(SYNC_SLICE)
-                self._sync_in_s()
             return 0
         self._records_at = time.monotonic()
         changes = []

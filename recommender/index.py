@@ -30,6 +30,7 @@ searchable items have an entry (a delete drops it): memory is bounded by the cat
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import faiss
@@ -155,12 +156,12 @@ class ItemIndex:
         while self._unsynced:
             with self._lock:
                 self._merging = True  # set before the pending ones are taken: see `neighbours`
-                taken = list(self._unsynced.items())[:limit]
+                taken = list(itertools.islice(self._unsynced.items(), limit))  # not a copy of all
                 for item_id, _ in taken:
                     del self._unsynced[item_id]
             try:
                 if self._lists is None:
-                    self._lists = NeighbourLists(self.dim, depth=self._keep + 28, exact=self._keep)
+                    self._lists = NeighbourLists(self.dim, exact=self._keep)
                 self._lists.update([i for i, v in taken if v is None], {i: v for i, v in taken if v is not None})
             finally:
                 self._merging = False

@@ -33,11 +33,14 @@ import threading
 import numpy as np
 
 CHUNK = 64  # rows per matrix product: bounds its temporaries (about 40 bytes per row per catalog item)
+SLACK = 28  # entries a list keeps beyond `exact`: removals it absorbs before a rescan
 
 
 class NeighbourLists:
-    def __init__(self, dim: int, depth: int = 128, exact: int = 101):
-        """`exact`: how many neighbours a query may ask for (answers up to it never scan)."""
+    def __init__(self, dim: int, exact: int = 100, depth: int | None = None):
+        """`exact`: how many neighbours a query may ask for (answers up to it never scan); `depth`:
+        entries kept per list (default `exact` + SLACK)."""
+        depth = exact + SLACK if depth is None else depth
         if not 0 < exact <= depth:
             raise ValueError(f"exact ({exact}) must be in 1..depth ({depth})")
         self.dim, self.depth, self.exact = dim, depth, exact
