@@ -332,7 +332,11 @@ class IndexUpdater:
         records = self.consumer.poll(max_records=2000, timeout_ms=timeout_ms)
         self.metrics.report_lag(self.topic, self.consumer)
         if not records:
-            self.ready.set()  # caught up with the topic
+            # An empty poll alone is no proof: a fresh reader's first polls return nothing while it
+            # looks up its offsets, with the whole topic still ahead (the index was then "ready"
+            # at 4,023 of 5,300 items).
+            if not self.ready.is_set() and self.consumer.lag() == 0:
+                self.ready.set()  # caught up with the topic
             if self._sync_in_s() == 0:  # a slice of the kept lists' catch-up, then look again
                 self.index.sync_neighbours(SYNC_SLICE)
             return 0

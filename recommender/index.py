@@ -100,8 +100,7 @@ class ItemIndex:
                 seen = latest.get(change.item_id)
                 if seen is None or (change.ts, change.event_id) >= (seen.ts, seen.event_id):
                     latest[change.item_id] = change
-            fresh = [c for c in latest.values()
-                     if (c.ts, c.event_id) >= self._versions.get(c.item_id, (-1.0, ""))]
+            fresh = [c for c in latest.values() if self._takes(c)]
             if not fresh:
                 return []
             stale_ids = np.array([self._ids[c.item_id] for c in fresh if c.item_id in self._vectors],
@@ -130,6 +129,19 @@ class ItemIndex:
                 else:
                     self._metadata[c.item_id] = c.metadata
         return fresh
+
+    def _takes(self, change: ItemChange) -> bool:
+        """Newer than what the index holds, or as new and different: a replica replaying
+        `item-embeddings` after its bootstrap from Redis meets every item again, at the version it
+        has, and redoing those would rebuild FAISS rows and every kept list for nothing."""
+        version = (change.ts, change.event_id)
+        held = self._versions.get(change.item_id, (-1.0, ""))
+        if version != held:
+            return version > held
+        vector = self._vectors.get(change.item_id)
+        if change.deleted:
+            return vector is not None
+        return vector is None or not np.array_equal(vector, change.embedding)
 
     def metadata(self, item_ids: list[str]) -> dict[str, dict]:
         """The metadata of those of `item_ids` that are searchable and have it here."""

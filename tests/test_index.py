@@ -1,4 +1,5 @@
-"""`ItemIndex` (recommender/index.py): concurrent searches share a scan and answer as alone."""
+"""`ItemIndex` (recommender/index.py): versions, shared scans, lock-free lookups; and when the index
+updater calls itself caught up."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ import threading
 import numpy as np
 import pytest
 
-from ingest.schema import ItemChange
+from ingest.eventlog import ensure_topics
+from ingest.memory_log import InProcessLog
+from ingest.schema import ItemChange, change_to_json
+from ingest.settings import Settings
+from recommender.core import IndexUpdater
 from recommender.index import ItemIndex
+from recommender.metrics import Metrics
+from recommender.store import Store, open_redis
 from tests.waiting import wait_for
 
 
@@ -62,3 +69,56 @@ def test_lookups_and_hydration_do_not_wait_behind_a_scan():
     assert answers["metadata"] == {"a": {"title": "A"}, "b": {"title": "B"}}
     index.apply([ItemChange("a", 2.0, "e2", True, None)])  # deleted: neither vector nor metadata
     assert index.vector("a") is None and index.metadata(["a"]) == {}
+
+
+def test_a_change_takes_effect_only_if_newer_or_as_new_and_different():
+    index = ItemIndex(kept_neighbours=5)
+    v = np.array([1, 0], np.float32)
+    assert len(index.apply([ItemChange("a", 2.0, "e2", False, v)])) == 1
+    index.sync_neighbours()
+    assert index.apply([ItemChange("a", 2.0, "e2", False, v.copy())]) == []  # replayed: nothing to redo
+    assert index.unsynced() == 0 and index._index.ntotal == 1
+    assert index.apply([ItemChange("a", 1.0, "e9", False, -v)]) == []  # older
+    moved = np.array([0, 1], np.float32)
+    assert len(index.apply([ItemChange("a", 2.0, "e2", False, moved)])) == 1  # same version, re-encoded
+    np.testing.assert_array_equal(index.vector("a"), moved)
+    assert len(index.apply([ItemChange("a", 3.0, "e3", True, None)])) == 1
+    assert index.apply([ItemChange("a", 3.0, "e3", True, None)]) == []  # deleted twice
+    assert len(index) == 0 and index._index.ntotal == 0
+
+
+class _StartingReader:
+    """A reader whose first polls find nothing although records lie ahead, as a fresh Kafka
+    reader's do while it looks up its offsets."""
+
+    def __init__(self, reader, empty_polls: int):
+        self.reader, self.empty_polls = reader, empty_polls
+
+    def poll(self, max_records: int, timeout_ms: int) -> list:
+        if self.empty_polls:
+            self.empty_polls -= 1
+            return []
+        return self.reader.poll(max_records=max_records, timeout_ms=timeout_ms)
+
+    def lag(self) -> int:
+        return self.reader.lag()
+
+
+def test_the_index_updater_is_ready_only_once_nothing_is_left_to_read():
+    settings = Settings(kafka_bootstrap="", redis_url="")
+    event_log = InProcessLog()
+    ensure_topics(event_log, settings)
+    producer = event_log.producer(linger_ms=0)
+    for i in range(3):
+        producer.send(settings.topic_item_embeddings,
+                      change_to_json(ItemChange(str(i), 1.0, "e", False, np.ones(4, np.float32) / 2)), key=str(i))
+    producer.flush()
+    index = ItemIndex()
+    updater = IndexUpdater(event_log, Store(open_redis("")), index, settings, Metrics())
+    updater.consumer = _StartingReader(updater.consumer, empty_polls=2)
+    updater.step(timeout_ms=0)
+    updater.step(timeout_ms=0)
+    assert not updater.ready.is_set(), "empty polls with records ahead are not caught up"
+    assert updater.step(timeout_ms=0) == 3 and not updater.ready.is_set()
+    updater.step(timeout_ms=0)
+    assert updater.ready.is_set() and len(index) == 3
