@@ -20,6 +20,7 @@ from ingest.schema import InvalidEvent, ItemChange, ItemUpsert, parse_event
 from ingest.settings import Settings
 from recommender.core import LaneMonitor, Recommender, Unavailable, UnknownItem
 from recommender.index import ItemIndex
+from recommender import service
 from recommender.service import create_app
 from recommender.store import Store, open_redis
 from tests.eventlogs import drain
@@ -228,6 +229,36 @@ def test_a_plain_similar_request_is_answered_by_the_fast_path_with_the_routes_bo
     assert fast.json()["items"] == routed.json()["items"] == rec.similar("a", k=3).items
     assert set(fast.json()["latency_ms"]) == set(routed.json()["latency_ms"])
     assert client.get("/items/a/similar", params={"k": 3, "signal": "coread"}).status_code == 500
+
+
+def test_a_plain_recommendations_request_is_answered_by_the_fast_path_with_the_routes_body(parts, monkeypatch):
+    rec, _, _ = parts
+    rec.store.apply_interactions([read("u", "a"), read("v", "a"), read("v", "b")], dict(VECTORS))
+    answered_fast = []
+    fast_answer = service.FastReads._answer
+
+    def spy(*args):
+        body = fast_answer(*args)
+        answered_fast.append(isinstance(body, bytes))
+        return body
+    monkeypatch.setattr(service.FastReads, "_answer", staticmethod(spy))
+    client = TestClient(create_app(rec), raise_server_exceptions=False)
+    routed = client.get("/users/u/recommendations", params={"k": 3, "via": "the route"})  # an extra: the route
+    fast = client.get("/users/u/recommendations", params={"k": 3})
+    assert answered_fast == [False, True]
+    assert fast.status_code == routed.status_code == 200 and fast.headers["content-type"] == "application/json"
+    fast_body, routed_body = fast.json(), routed.json()
+    assert fast_body.pop("latency_ms").keys() == routed_body.pop("latency_ms").keys()
+    assert fast_body == routed_body and fast_body["strategy"] == "hybrid"
+    assert fast_body["items"][0]["item_id"] == "b"  # v read a and b
+    assert client.get("/users/u/recommendations", params={"k": "0"}).status_code == 422
+
+    def down(user_id, k=10):
+        raise redis.ConnectionError("refused")
+    rec.recommend = down
+    answer = client.get("/users/u/recommendations")
+    assert answer.status_code == 503 and answered_fast[-1] is False
+    assert answer.json()["detail"].startswith("redis unavailable: per-user picks need the user's profile")
 
 
 def test_the_fast_path_leaves_every_error_its_documented_answer(parts):
