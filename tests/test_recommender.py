@@ -6,8 +6,6 @@ geometry: a and b point almost the same way, c is orthogonal to both, d is the o
 
 from __future__ import annotations
 
-import time
-
 import fakeredis
 import numpy as np
 import pytest
@@ -18,9 +16,9 @@ from ingest.eventlog import EventProducer, ensure_topics
 from ingest.memory_log import InProcessLog
 from ingest.schema import InvalidEvent, ItemChange, ItemUpsert, parse_event
 from ingest.settings import Settings
+from recommender import service
 from recommender.core import LaneMonitor, Recommender, Unavailable, UnknownItem
 from recommender.index import ItemIndex
-from recommender import service
 from recommender.service import create_app
 from recommender.store import Store, open_redis
 from tests.eventlogs import drain
@@ -183,12 +181,13 @@ def test_health_says_degraded_once_the_broker_has_not_answered_for_stale_s(parts
     rec, _, settings = parts
     event_log = Unreachable()
     ensure_topics(event_log, settings)
-    rec.monitor = LaneMonitor(event_log, settings, rec.metrics, stale_s=0.05)
+    rec.monitor = LaneMonitor(event_log, settings, rec.metrics, stale_s=3.0)
     rec.monitor.check()
     assert rec.health()["status"] == "ok" and rec.health()["kafka"]
     event_log.down = True
     rec.monitor.check()  # the answer of just now still counts ...
-    time.sleep(0.1)
+    assert rec.health()["status"] == "ok"
+    rec.monitor._last_ok -= 3.1  # (time passing: a 50 ms stale_s raced a slow moment, 1 run in 4)
     health = rec.health()  # ... until stale_s passed without one
     assert health["status"] == "degraded" and not health["kafka"] and health["redis"]
     assert "TimeoutError: no answer" in health["dependencies"]["kafka"]["detail"]
