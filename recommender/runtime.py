@@ -77,7 +77,7 @@ class Runtime:
         deadline = time.monotonic() + STOP_S
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        for part in (self.worker, self.profiles, self.index_updater):
+        for part in (self.worker, self.profiles, self.index_updater, self.recommender):
             if part is not None:
                 part.close()
         try:

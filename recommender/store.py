@@ -327,6 +327,12 @@ class Store:
             support[j] = float(flat[a + 3])
         return scores, support
 
+    def interaction_counts(self, item_ids: list[str]) -> dict[str, float]:
+        """Each item's distinct users (n_j of recommender/blend.py); absent when 0."""
+        if not item_ids:
+            return {}
+        return {i: float(n) for i, n in zip(item_ids, self.r.zmscore(self._popular, item_ids), strict=True) if n}
+
     def popular(self, k: int, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
         """The most interacted-with live items (cold start)."""
         out = []

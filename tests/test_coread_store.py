@@ -72,6 +72,12 @@ def test_coread_scores_are_the_summed_item_cosine_and_name_the_strongest_source(
     assert support == {"a": 40.0, "b": 10.0, "x": 100.0, "y": 10.0, "z": 1.0}  # t has no count
 
 
+def test_interaction_counts_are_the_distinct_readers_and_leave_out_nobody_read(store):
+    hand_made(store, LISTS, READERS)
+    assert store.interaction_counts(["x", "t", "z"]) == {"x": 100.0, "z": 1.0}
+    assert store.interaction_counts([]) == {}
+
+
 def test_coread_scores_keep_the_top_and_every_tie_at_its_last_place(store):
     hand_made(store, LISTS, READERS)
     assert set(store.coread_scores(["a", "b"], exclude={"seen"}, top=1)[0]) == {"y"}  # 0.7
