@@ -18,7 +18,7 @@ from ui.common import client, fmt_ms
 REFRESH_S = 2.0
 WINDOW_S = 60.0
 HISTORY = 150  # samples kept per session (5 minutes at one every 2 s)
-STAGE_ORDER = ("profile", "lookup", "search", "coread", "blend", "popular", "explain", "hydrate")
+STAGE_ORDER = ("profile", "lookup", "coread", "search", "counts", "blend", "popular", "explain", "hydrate")
 COUNTERS = {"index updates": "ternrec_index_updates_total", "API events": "ternrec_events_submitted_total"}
 
 
